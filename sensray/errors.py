@@ -1,0 +1,42 @@
+"""Errors a user can act on.
+
+Anything raised as a `SensrayError` is reported by the CLI as one readable message with a
+non-zero exit and no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SensrayError(Exception):
+    """An error caused by the user's input or environment, with a message that says what to fix."""
+
+    exit_code = 1
+
+
+class SpecError(SensrayError):
+    """An experiment spec (or a CLI override of it) is invalid.
+
+    `path` is the dotted key path inside the spec (`space.bit.grid_search[2]`), `source`
+    the file it came from, so the message points at the exact place to edit.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: str, message: str, source: str | None = None):
+        self.path = path
+        self.message = message
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        key = f"{self.path}: " if self.path else ""
+        return f"{where}{key}{self.message}"
+
+    def located(self, source: str) -> "SpecError":
+        """The same error, attributed to a spec file."""
+        return SpecError(self.path, self.message, source)
+
+
+class RestoreError(SensrayError):
+    """Weights after a trial differ from the weights before it: a correctness failure."""

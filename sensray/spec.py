@@ -1,0 +1,178 @@
+"""Experiment specs: one YAML file describes one study.
+
+The file is parsed with `yaml.safe_load` into frozen pydantic models that reject unknown keys;
+every error names its key path (`model.dtype`, `space.bit.grid_search[2]`) and what was
+expected. CLI overrides (`--set data.seq_len=64`) are applied to the raw mapping first, so
+they pass through exactly the same validation.
+
+    name: bitflip
+    model: {name: sensray-tiny, dtype: float32}
+    data: {corpus: bundled, seq_len: 128, num_sequences: 32}
+    perturbation: bitflip
+    space:
+      target: {each: "blocks.*"}
+      field: {grid_search: [sign, exponent_msb, exponent, mantissa]}
+      seed: {grid_search: [0, 1, 2, 3]}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sensray.errors import SpecError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Frozen(BaseModel):
+    """Base of every spec model: immutable, strict about unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Frozen):
+    name: str = Field("sensray-tiny", description="alias (see --list-models), HF id, or local directory")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class DataSpec(Frozen):
+    corpus: str = Field("bundled", description="'bundled', a .txt/.jsonl path, or 'hf:<dataset>[/<config>]'")
+    split: str = "test"
+    text_field: str = "text"
+    data_files: Optional[str] = None
+    seq_len: int = Field(128, ge=2)
+    num_sequences: Optional[int] = Field(None, ge=1)
+    num_tokens: Optional[int] = Field(None, ge=2)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "DataSpec":
+        if self.num_sequences is not None and self.num_tokens is not None:
+            raise ValueError("give num_sequences or num_tokens, not both")
+        return self
+
+    @property
+    def max_sequences(self) -> int | None:
+        """How many windows to evaluate on (None: every window of the corpus)."""
+        if self.num_tokens is not None:
+            return max(1, self.num_tokens // self.seq_len)
+        return self.num_sequences
+
+
+class ExperimentSpec(Frozen):
+    name: str
+    description: str = ""
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    perturbation: str
+    space: dict[str, Any]
+    num_samples: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    output_dir: str = "results"
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        # The name becomes a directory under output_dir.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("must be a slug of letters, digits, '_', '.', '-' (it names the results directory)")
+        return name
+
+    @field_validator("perturbation")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from sensray.perturbations import PERTURBATIONS
+
+        if kind not in PERTURBATIONS:
+            raise ValueError(PERTURBATIONS.unknown(kind))
+        return kind
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec with every default filled in, as plain data (what a run directory records)."""
+        return self.model_dump(mode="json")
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
+    """Read, override and validate a spec file; every failure is a `SpecError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError("", f"cannot read spec: {err.strerror}", str(path)) from None
+    try:
+        return parse_spec(text, overrides)
+    except SpecError as err:
+        raise err.located(str(path)) from None
+
+
+def parse_spec(text: str, overrides: list[str] = ()) -> ExperimentSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError("", f"not valid YAML: {where}{getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SpecError(key_path(first["loc"]), describe(first)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw spec mapping."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise SpecError("--set", f"expected KEY=VALUE (e.g. data.seq_len=64), got {override!r}")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(".".join(parts[: depth + 1]), f"--set {key}: this key holds a value, not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(key, f"--set value {value!r} is not valid YAML") from None
+
+
+def key_path(loc: tuple) -> str:
+    """('space', 'bit', 3) -> 'space.bit[3]'"""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def describe(error: dict) -> str:
+    """One pydantic error as a sentence a researcher can act on."""
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling and where it is nested)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{value!r} is not allowed; expected one of {expected}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message} (got {value!r})" if kind != "value_error" and not isinstance(value, dict) else message
