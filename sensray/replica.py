@@ -62,17 +62,17 @@ class Replica:
             ppl=scores.ppl,
             checksum_at_load=weights_checksum(self.model),
         )
-        self.kind = PERTURBATIONS.get(spec.perturbation)
 
     def run_trial(self, trial: Trial) -> dict:
         """One row of the trial table. A failing trial is recorded with its error, never raised,
         unless the weights could not be restored: then nothing after it could be trusted."""
         start = time.perf_counter()
         error, scores = None, None
-        params = self.kind.parse(trial.params)
+        kind = PERTURBATIONS.get(trial.kind)
+        params = kind.parse(trial.params)
         undo = None
         try:
-            undo = self.kind.apply(self.model, params)
+            undo = kind.apply(self.model, params)
             scores = evaluate(self.model, self.batches, self.reference)
         except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: a result, not a crash
             error = f"{type(err).__name__}: {err}"

@@ -49,7 +49,7 @@ class RunDir:
     def open(cls, path: str | Path) -> "RunDir":
         run = cls(Path(path))
         if not (run.path / "spec.yaml").is_file():
-            raise SensrayError(f"--resume: {path} is not a sensray run directory (no spec.yaml)")
+            raise SensrayError(f"{path} is not a sensray run directory (no spec.yaml)")
         return run
 
     def spec(self) -> ExperimentSpec:

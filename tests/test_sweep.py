@@ -63,7 +63,7 @@ def test_sweep_writes_the_trial_table(small_spec, tmp_path, capsys):
 def test_trial_ids_are_the_same_for_the_same_spec(small_spec, capsys):
     ids = []
     for _ in range(2):
-        main([str(small_spec)])
+        main([str(small_spec), "--executor", "local"])
         run = Path(capsys.readouterr().out.strip().splitlines()[-1])
         ids.append(pl.read_parquet(run / "trials.parquet")["trial_id"].to_list())
     assert ids[0] == ids[1]
@@ -82,7 +82,7 @@ def test_dry_run_counts_and_writes_nothing(small_spec, tmp_path):
         ("space.target=blocks.12", "space.target: 'blocks.12': layer 12 is past the model's depth (8 blocks"),
         ("space.count=-1", "space.count:"),
         ("model.dtype=float64", "model.dtype: 'float64' is not allowed"),
-        ("space.bit=40", "space.field:"),  # bit and field together
+        ("space.bit=40", "space: give exactly one of 'bit'"),  # bit and field together
         ("space.targett=x", "space.targett: unknown parameter for bitflip"),
         ("space.target=blocks.0.mlp.nothing", "matches no tensor"),
     ],
@@ -113,7 +113,7 @@ def test_resume_runs_only_what_is_missing(small_spec, monkeypatch, capsys):
         return original(self, trial)
 
     monkeypatch.setattr(Replica, "run_trial", crash_after_three)
-    assert main([str(small_spec)]) == 130
+    assert main([str(small_spec), "--executor", "local"]) == 130
     run = next((small_spec.parent / "results" / "small").iterdir())
     journal = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     assert [r["trial_id"] for r in journal] == calls  # every finished trial was durable
@@ -121,19 +121,19 @@ def test_resume_runs_only_what_is_missing(small_spec, monkeypatch, capsys):
 
     monkeypatch.setattr(Replica, "run_trial", lambda self, t: calls.append(t.trial_id) or original(self, t))
     capsys.readouterr()
-    assert main([str(small_spec), "--resume", str(run)]) == 0
+    assert main([str(small_spec), "--executor", "local", "--resume", str(run)]) == 0
     assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == run
     table = pl.read_parquet(run / "trials.parquet")
     assert table.height == 8 and table["trial_id"].n_unique() == 8
     assert len(calls) == 8  # 3 before the crash + 5 on resume: nothing ran twice
-    first = table.filter(pl.col("trial_id").is_in(journal[0]["trial_id"]))["seconds"].item()
+    first = table.filter(pl.col("trial_id") == journal[0]["trial_id"])["seconds"].item()
     assert first == journal[0]["seconds"]
 
 
 def test_resume_refuses_a_different_spec(small_spec, tmp_path, capsys):
-    main([str(small_spec)])
+    main([str(small_spec), "--executor", "local"])
     run = capsys.readouterr().out.strip().splitlines()[-1]
-    result = run_cli(small_spec, "--resume", run, "--set", "seed=5")
+    result = run_cli(small_spec, "--executor", "local", "--resume", run, "--set", "seed=5")
     assert result.returncode == 1 and "differs" in result.stderr and "seed" in result.stderr
 
 
@@ -141,7 +141,7 @@ def test_hf_token_from_dotenv_is_never_written(small_spec, tmp_path):
     secret = "hf_DoNotLeakThisToken1234567890"
     (tmp_path / ".env").write_text(f"HF_TOKEN={secret}\n")
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    result = subprocess.run([sys.executable, "-m", "sensray.sweep", str(small_spec)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "sensray.sweep", str(small_spec), "--executor", "local"], capture_output=True, text=True,
                             cwd=tmp_path, env=env | {"PYTHONPATH": str(REPO)}, timeout=600)
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout + result.stderr
