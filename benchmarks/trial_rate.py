@@ -8,7 +8,8 @@
     reload   what per-trial model copies amount to (the seed framework, PyTorchFI's deepcopy):
              from_pretrained from disk for every trial, then flip, forward, loss
 
-Each (model, way) runs in its own process, so its peak RSS is its own. Models: the shipped
+Each (model, way) runs in its own process, so its peak RSS is its own; the ways alternate over
+`--rounds` rounds and the table shows the median of each. Models: the shipped
 tiny Llama, and a ~40M-parameter random Llama saved to a temp dir in HF format.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,8 +109,16 @@ WAYS = {"bare": way_bare, "sensray": way_sensray, "reload": way_reload}
 def worker(way: str, model_dir: str, trials: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     seconds = WAYS[way](model_dir, trials)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"rate": trials / seconds, "peak_mb": peak_mb}))
+
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark. (ru_maxrss would include the parent's: Linux keeps it across exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(way: str, model_dir: str, trials: int) -> dict:
@@ -118,12 +127,25 @@ def measure(way: str, model_dir: str, trials: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved(model_dir: str, args) -> dict:
+    """Rounds of (bare, sensray, reload), medians per way: a busy or throttled minute hits all three alike."""
+    rounds = {w: [] for w in WAYS}
+    for _ in range(args.rounds):
+        for way in WAYS:
+            rounds[way].append(measure(way, model_dir, args.reload_trials if way == "reload" else args.trials))
+    return {w: {k: statistics.median(r[k] for r in rs) for k in ("rate", "peak_mb")} for w, rs in rounds.items()}
+
+
 def build_40m(root: Path) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sensray.models import load_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_40M))
     model.save_pretrained(root / "llama-40m")
+    tokenizer = load_tokenizer(spec_for("sensray-tiny").model)  # ids < 2048 are valid for vocab 8000
+    tokenizer.save_pretrained(root / "llama-40m")
     params = sum(p.numel() for p in model.parameters())
     print(f"built random Llama with {params / 1e6:.1f}M parameters", file=sys.stderr)
     return str(root / "llama-40m")
@@ -134,6 +156,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,llama-40m")
     parser.add_argument("--trials", type=int, default=64, help="trials for bare and sensray")
     parser.add_argument("--reload-trials", type=int, default=8, help="trials for reload (slow)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -147,7 +170,7 @@ def main() -> None:
             dirs["llama-40m"] = build_40m(Path(tmp))
         print(f"| model | way | trials/s | vs bare | peak RSS (MB) | vs bare |\n|---|---|---|---|---|---|")
         for name in args.models.split(","):
-            results = {w: measure(w, dirs[name], args.reload_trials if w == "reload" else args.trials) for w in WAYS}
+            results = interleaved(dirs[name], args)
             for way, r in results.items():
                 print(f"| {name} | {way} | {r['rate']:.2f} | {r['rate'] / results['bare']['rate']:.3f} | "
                       f"{r['peak_mb']:.0f} | {r['peak_mb'] / results['bare']['peak_mb']:.2f} |", flush=True)

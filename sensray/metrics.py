@@ -1,12 +1,15 @@
 """Perplexity and agreement with the unperturbed model, on fixed token batches.
 
     nll            token-weighted mean negative log-likelihood (nats), ppl = exp(nll)
-    kl             mean over tokens of KL(baseline || perturbed) of the next-token distributions
-    top1_agreement share of tokens whose argmax prediction equals the baseline's
-    nonfinite      any logit is NaN or inf: then nll = ppl = kl = inf. A result, never a crash.
+    kl             mean over positions of KL(baseline || perturbed) of the next-token distributions
+    top1_agreement share of positions whose argmax prediction equals the baseline's
+                   (KL and top-1 use every position of a window, the NLL every position with a target)
+    nonfinite      a position's logits hold NaN or +inf (found through the row max, which propagates
+                   both): then nll = ppl = kl = inf. A result, never a crash.
 
 The baseline's log-probabilities are computed once per replica and kept on the model's
-device (tokens x vocab floats), so every trial compares against the same reference.
+device (tokens x vocab floats, twice: log-probabilities and probabilities), so every trial compares
+against the same reference without recomputing it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from torch import nn
 class Reference:
     """The unperturbed model's predictions on the eval batches."""
 
-    logprobs: list[torch.Tensor]  # per batch: (batch, seq-1, vocab)
-    top1: list[torch.Tensor]  # per batch: (batch, seq-1)
+    logprobs: list[torch.Tensor]  # per batch: (batch, seq, vocab)
+    probs: list[torch.Tensor]  # per batch: exp(logprobs), kept so each trial's KL needs no exp pass
+    top1: list[torch.Tensor]  # per batch: (batch, seq)
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,9 @@ class Scores:
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    # (batch, seq, vocab) -> predictions for tokens 1..seq-1, in float32 for stable softmax.
-    out = model(input_ids=batch, use_cache=False).logits
-    return out[:, :-1].float()
+    # (batch, seq, vocab), contiguous, float32 for a stable softmax. Every position is kept: the
+    # last one has no target for the NLL but its prediction still counts for KL and top-1.
+    return model(input_ids=batch, use_cache=False).logits.float()
 
 
 @torch.inference_mode()
@@ -50,34 +54,40 @@ def reference(model: nn.Module, batches: list[torch.Tensor]) -> Reference:
         logits = _logits(model, batch)
         logprobs.append(F.log_softmax(logits, dim=-1))
         top1.append(logits.argmax(dim=-1))
-    return Reference(logprobs, top1)
+    return Reference(logprobs, [lp.exp() for lp in logprobs], top1)
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: list[torch.Tensor], ref: Reference | None = None) -> Scores:
     nll_sum = kl_sum = 0.0
-    agree = tokens = 0
+    agree = tokens = positions = 0
     nonfinite = False
     for i, batch in enumerate(batches):
         logits = _logits(model, batch)
-        targets = batch[:, 1:]
-        finite = torch.isfinite(logits).all(dim=-1)  # (batch, seq-1)
+        # One pass gives the argmax and, since max propagates NaN and +inf, whether a row is finite.
+        top, top1 = logits.max(dim=-1)  # (batch, seq) each
+        finite = torch.isfinite(top)
         nonfinite |= not bool(finite.all())
         logprobs = F.log_softmax(logits, dim=-1)
-        nll_sum += float(F.nll_loss(logprobs.flatten(0, 1), targets.flatten(), reduction="sum"))
+        del logits  # the largest buffers of a trial are (batch, seq, vocab): keep at most two alive
+        targets = batch[:, 1:, None]
+        nll_sum -= float(logprobs[:, :-1].gather(-1, targets).sum())
         tokens += targets.numel()
+        positions += top1.numel()
         if ref is not None:
-            kl_sum += float(F.kl_div(logprobs, ref.logprobs[i], log_target=True, reduction="sum"))
-            agree += int(((logits.argmax(dim=-1) == ref.top1[i]) & finite).sum())
+            # KL(ref || p) = sum p_ref * (logp_ref - logp), the difference taken per element (in place)
+            # so a tiny KL is not lost to cancellation between two large sums.
+            kl_sum += float(torch.dot(ref.probs[i].view(-1), logprobs.neg_().add_(ref.logprobs[i]).view(-1)))
+            agree += int(((top1 == ref.top1[i]) & finite).sum())
     if nonfinite:
         nll = kl = math.inf
     else:
-        nll, kl = nll_sum / tokens, kl_sum / tokens
+        nll, kl = nll_sum / tokens, kl_sum / positions
     return Scores(
         nll=nll,
         ppl=math.exp(nll) if nll < 709 else math.inf,  # exp overflows a double past ~709
         kl=kl if ref is not None else None,
-        top1_agreement=agree / tokens if ref is not None else None,
+        top1_agreement=agree / positions if ref is not None else None,
         nonfinite=nonfinite,
         tokens=tokens,
     )

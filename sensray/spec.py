@@ -67,6 +67,46 @@ class DataSpec(Frozen):
         return self.num_sequences
 
 
+class ResourcesSpec(Frozen):
+    """One replica's share of a machine, and how many replicas to run (the Ray executor; local runs one)."""
+
+    cpus: float = Field(1, gt=0, description="CPU cores per replica; torch in the replica uses this many threads")
+    gpus: float = Field(0, ge=0, description="GPUs per replica: 1, a fraction (0.5: two share one), or 2+ (sharded)")
+    replicas: Any = Field("auto", description="a number, or 'auto': as many as the cluster's free resources fit")
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, gpus: float) -> float:
+        # A fraction shares one GPU; more than one means a model spread over whole GPUs of one node.
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError("above 1 must be a whole number of GPUs (one model sharded over them)")
+        return gpus
+
+    @field_validator("replicas")
+    @classmethod
+    def _count_or_auto(cls, replicas: Any) -> Any:
+        if replicas == "auto" or (isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1):
+            return replicas
+        raise ValueError(f"must be 'auto' or a whole number >= 1, got {replicas!r}")
+
+
+class SearchSpec(Frozen):
+    """An adaptive study: a searcher proposes each trial from the results so far (instead of a fixed grid)."""
+
+    algorithm: str = Field("worst-case", description="'worst-case' (built in), 'optuna', 'hyperopt', or 'module:Class'")
+    metric: Literal["ppl", "nll", "delta_ppl", "kl", "top1_agreement"] = "delta_ppl"
+    mode: Literal["max", "min"] = "max"
+    num_trials: int = Field(ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the searcher")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_or_importable(cls, algorithm: str) -> str:
+        if algorithm not in ("worst-case", "optuna", "hyperopt") and not re.fullmatch(r"[\w.]+:\w+", algorithm):
+            raise ValueError("expected worst-case, optuna, hyperopt, or module:Class (a ray.tune.search.Searcher)")
+        return algorithm
+
+
 class ExperimentSpec(Frozen):
     name: str
     description: str = ""
@@ -77,6 +117,8 @@ class ExperimentSpec(Frozen):
     num_samples: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
     output_dir: str = "results"
+    resources: ResourcesSpec = ResourcesSpec()
+    search: Optional[SearchSpec] = None
 
     @field_validator("name")
     @classmethod
@@ -94,6 +136,12 @@ class ExperimentSpec(Frozen):
         if kind not in PERTURBATIONS:
             raise ValueError(PERTURBATIONS.unknown(kind))
         return kind
+
+    @model_validator(mode="after")
+    def _search_or_samples(self) -> "ExperimentSpec":
+        if self.search is not None and self.num_samples != 1:
+            raise ValueError("give search.num_trials or num_samples, not both (a search draws its own trials)")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in, as plain data (what a run directory records)."""

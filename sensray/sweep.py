@@ -1,6 +1,8 @@
 """Run a sweep: every trial of an experiment spec, written to a run directory.
 
-    python -m sensray.sweep experiments/bitflip.yaml --executor local
+    python -m sensray.sweep experiments/bitflip.yaml                     # Ray: a local one on 127.0.0.1
+    python -m sensray.sweep experiments/bitflip.yaml --address auto      # Ray: a running cluster
+    python -m sensray.sweep experiments/bitflip.yaml --executor local    # in this process, no Ray
     python -m sensray.sweep experiments/bitflip.yaml --dry-run            # validate, count trials
     python -m sensray.sweep experiments/noise.yaml --set data.seq_len=64  # override any key
     python -m sensray.sweep experiments/bitflip.yaml --resume results/bitflip/<run id>
@@ -13,10 +15,14 @@ naming the file and key; nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sensray.errors import RestoreError, SensrayError, SpecError
+from sensray.executors import EXECUTORS
 from sensray.plan import Plan, make_plan
 from sensray.spec import load_spec
 
@@ -25,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sensray.sweep",
         description=__doc__.split("\n\n")[0],
-        epilog="example: python -m sensray.sweep experiments/bitflip.yaml --executor local",
+        epilog="example: python -m sensray.sweep experiments/bitflip.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("spec", nargs="?", help="experiment YAML (see experiments/)")
-    parser.add_argument("--executor", choices=["local"], default="local", help="where trials run (default: local)")
+    parser.add_argument("--executor", choices=list(EXECUTORS), default=default_executor(),
+                        help="where trials run: 'ray' (replica actors on a local Ray or a cluster) or 'local' "
+                             "(one replica in this process, no Ray); default: ray when it is installed")
+    parser.add_argument("--address", help="Ray only: a running cluster to join ('auto' on its head node); "
+                                          "default: start a Ray on this machine, bound to 127.0.0.1")
+    parser.add_argument("--replicas", type=_replicas, metavar="N|auto",
+                        help="Ray only: how many replicas (default: the spec's resources.replicas)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key, value parsed as YAML (repeatable), e.g. --set num_samples=2")
     parser.add_argument("--dry-run", action="store_true", help="validate, resolve targets, print the trial count")
@@ -42,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        with _terminate_as_interrupt():
+            return _dispatch(args)
     except SensrayError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -61,11 +74,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise SpecError("", "give an experiment spec (e.g. experiments/bitflip.yaml) or --resume RUN_DIR")
     if args.resume:
         return _resume(args)
-    plan = make_plan(load_spec(args.spec, args.overrides))
+    plan = _planned(load_spec(args.spec, args.overrides), args.spec)
     if args.dry_run:
         print(describe(plan))
         return 0
-    return _run(plan, run_dir=None)
+    return _run(plan, run_dir=None, executor_name=args.executor, **_executor_options(args))
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -75,46 +88,101 @@ def _resume(args: argparse.Namespace) -> int:
     spec = run.spec()
     if args.spec:
         given = load_spec(args.spec, args.overrides).resolved()
-        changed = [k for k in given if given[k] != spec.resolved().get(k)]
+        # resources only place the trials (how many replicas, where): they may change between runs
+        changed = [k for k in given if k != "resources" and given[k] != spec.resolved().get(k)]
         if changed:
             raise SensrayError(f"--resume: {args.spec} differs from {run.path}/spec.yaml in {', '.join(changed)}")
-    plan = make_plan(spec)
+    plan = _planned(spec, run.path / "spec.yaml")
     if args.dry_run:
         done = {row["trial_id"] for row in run.rows()}
         print(describe(plan) + f"\n  resume: {len(done)} done, {len(plan.trials) - len(done)} to run")
         return 0
-    return _run(plan, run_dir=run)
+    return _run(plan, run_dir=run, executor_name=args.executor, **_executor_options(args))
 
 
-def _run(plan: Plan, run_dir) -> int:
-    from sensray.executors.local import run_local
+def _run(plan: Plan, run_dir, executor_name: str, **options) -> int:
+    from sensray.executors import executor_for
+    from sensray.executors.feed import table_rows, trial_source
     from sensray.progress import Progress
-    from sensray.replica import Replica
     from sensray.results import Journal, RunDir
-    from dataclasses import asdict
 
     spec = plan.spec
-    replica = Replica(spec)  # loads model and data: any error here leaves nothing on disk
-    run = run_dir or RunDir.create(spec)
-    done = {row["trial_id"] for row in run.rows()}
-    todo = [t for t in plan.trials if t.trial_id not in done]
-    print(f"{spec.name}: {len(plan.trials)} trials ({len(todo)} to run) of {spec.perturbation} on "
-          f"{spec.model.name} [{spec.model.dtype}, {replica.device}], baseline ppl {replica.baseline.ppl:.3f} "
-          f"on {replica.baseline.tokens} tokens", file=sys.stderr)
-    baseline = asdict(replica.baseline)
-    run.write_baseline(baseline)
-    progress = Progress(total=len(plan.trials), done=len(plan.trials) - len(todo))
-    with Journal(run.journal) as journal:
-        run_local(replica, todo, journal, progress)
-    after = replica.checksum()
-    run.write_baseline(baseline | {"checksum_after_sweep": after})
-    order = {t.trial_id: i for i, t in enumerate(plan.trials)}
-    rows = sorted((r for r in run.rows() if r["trial_id"] in order), key=lambda r: order[r["trial_id"]])
-    run.finish(rows)
-    if after != replica.baseline.checksum_at_load:
-        raise RestoreError(f"weights checksum changed over the sweep ({replica.baseline.checksum_at_load} -> {after})")
+    todo, total = trial_source(plan, run_dir.rows() if run_dir else [])  # a list, or a search's feed
+    executor = executor_for(executor_name, spec, **options)
+    try:
+        baseline = executor.start()  # loads model and data: any error here leaves nothing on disk
+        run = run_dir or RunDir.create(spec)
+        print(f"{spec.name}: {total} trials ({len(todo)} to run) of {spec.perturbation} on "
+              f"{spec.model.name} [{spec.model.dtype}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
+              f"on {baseline['tokens']} tokens", file=sys.stderr)
+        run.write_baseline(baseline)
+        progress = Progress(total=total, done=total - len(todo))
+        progress.replicas = executor.replicas
+        with Journal(run.journal) as journal:
+
+            def on_row(row: dict) -> None:
+                journal.append(row)
+                if hasattr(todo, "tell"):
+                    todo.tell(row)  # an adaptive search learns from each row as it is recorded
+                progress.replicas = executor.replicas
+                progress.update(failed=row["error"] is not None)
+
+            executor.run(todo, on_row)
+        after = executor.checksums()
+    finally:
+        executor.close()
+    run.write_baseline(baseline | {"checksum_after_sweep": after[0] if len(set(after)) == 1 else after})
+    run.finish(table_rows(plan, run.rows()))
+    if set(after) != {baseline["checksum_at_load"]}:
+        raise RestoreError(f"weights checksum changed over the sweep ({baseline['checksum_at_load']} -> {after})")
     print(run.path)
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, `ray job stop`) ends the sweep like Ctrl-C: replicas stopped, journal kept."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def default_executor() -> str:
+    """Ray when it is installed; the local executor on machines without it (e.g. a bare GPU box)."""
+    import importlib.util
+
+    return "ray" if importlib.util.find_spec("ray") is not None else "local"
+
+
+def _replicas(value: str) -> int | str:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'auto', got {value!r}")
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    """--address/--replicas go to the Ray executor; the local one runs one replica in this process."""
+    options = {k: v for k, v in (("address", args.address), ("replicas", args.replicas)) if v is not None}
+    if options and args.executor != "ray":
+        raise SensrayError(f"--{' and --'.join(options)}: only for --executor ray")
+    return options
+
+
+def _planned(spec, source) -> Plan:
+    """make_plan, with its errors attributed to the spec file they come from."""
+    try:
+        return make_plan(spec)
+    except SpecError as err:
+        raise err.located(str(source)) from None
 
 
 def describe(plan: Plan) -> str:
@@ -122,8 +190,11 @@ def describe(plan: Plan) -> str:
     spec = plan.spec
     targets = list(dict.fromkeys(str(t.params.get("target")) for t in plan.trials))
     shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} in all)" if len(targets) > 6 else "")
+    count = f"{len(plan.trials)} trials" if spec.search is None else (
+        f"up to {spec.search.num_trials} trials, proposed by {spec.search.algorithm} "
+        f"({spec.search.mode} {spec.search.metric}),")
     return (
-        f"{spec.name}: {len(plan.trials)} trials of {spec.perturbation} on {spec.model.name} "
+        f"{spec.name}: {count} of {spec.perturbation} on {spec.model.name} "
         f"[{spec.model.dtype}] (num_samples {spec.num_samples}, seed {spec.seed})\n"
         f"  targets: {shown}\n"
         f"  parameters: {', '.join(plan.trials[0].params) if plan.trials else '-'}"

@@ -45,8 +45,9 @@ def test_kl_and_agreement_against_the_reference():
     model.table.data[0] = torch.log(torch.tensor([0.4, 0.6]))  # flips the argmax after token 0
     changed = evaluate(model, batches, ref)
     kl0 = 0.7 * math.log(0.7 / 0.4) + 0.3 * math.log(0.3 / 0.6)
-    assert changed.kl == pytest.approx(kl0 * 2 / 3, rel=1e-5)  # 2 of the 3 predictions follow token 0
-    assert changed.top1_agreement == pytest.approx(1 / 3)
+    # KL and top-1 count every position (the last has no target but a prediction): 2 of 4 follow token 0
+    assert changed.kl == pytest.approx(kl0 * 2 / 4, rel=1e-5)
+    assert changed.top1_agreement == pytest.approx(2 / 4)
 
 
 def test_nonfinite_logits_are_a_result():
@@ -56,4 +57,4 @@ def test_nonfinite_logits_are_a_result():
     model.table.data[1, 0] = float("nan")
     scores = evaluate(model, batches, ref)
     assert scores.nonfinite and scores.ppl == math.inf and scores.nll == math.inf and scores.kl == math.inf
-    assert scores.top1_agreement == pytest.approx(0.5)  # the NaN position counts as a disagreement
+    assert scores.top1_agreement == pytest.approx(2 / 3)  # the NaN position counts as a disagreement

@@ -1,0 +1,79 @@
+"""What runs inside one Ray actor: a resident Replica, trials in, rows out.
+
+A plain class with no Ray import: `sensray.executors.ray` wraps it with `ray.remote` and the
+resources the spec asks for. Loading happens in `load()`, not `__init__`, so a bad model or
+corpus comes back to the driver as the original error (one readable message) instead of an
+actor that died in its constructor.
+
+    actor = ray.remote(ReplicaActor).options(num_cpus=1, num_gpus=1).remote(threads=1)
+    info = ray.get(actor.load.remote(spec.resolved(), index=0))   # baseline, pid, node
+    row = ray.get(actor.run_trial.remote(trial))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any, Callable
+
+# (spec, replica id) -> an object with run_trial(trial) -> row, checksum() and a `baseline` dataclass.
+ReplicaFactory = Callable[[Any, str], Any]
+
+
+class ReplicaActor:
+    def __init__(self, threads: int):
+        import torch
+
+        # Ray sets OMP_NUM_THREADS from num_cpus; say it to torch too, so that two replicas on one
+        # machine do not each spin up a thread per core and fight over them.
+        torch.set_num_threads(threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a loading bar per actor, prefixed by Ray, is only noise
+        self.replica = None
+
+    def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None) -> dict:
+        """Load the model and eval data once; return the baseline and where this replica lives."""
+        from sensray.spec import validate
+
+        spec_ = validate(spec)
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        replica_id = f"ray-{index}@{node_ip}"
+        self.replica = (factory or build_replica)(spec_, replica_id)
+        return {"baseline": asdict(self.replica.baseline), "replica_id": replica_id, "pid": os.getpid(),
+                "node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def run_trial(self, trial) -> dict:
+        return self.replica.run_trial(trial)
+
+    def checksum(self) -> str:
+        return self.replica.checksum()
+
+
+def build_replica(spec, replica_id: str):
+    """A Replica; with resources.gpus >= 2, its model is sharded over this actor's GPUs by accelerate."""
+    from sensray.replica import Replica
+
+    if spec.resources.gpus >= 2:
+        return Replica(spec, replica_id, model=load_sharded(spec.model))
+    return Replica(spec, replica_id)
+
+
+def load_sharded(model_spec):
+    """from_pretrained with device_map="auto": layers spread over every GPU Ray gave this actor.
+
+    accelerate returns the logits to the input's device, so the Replica feeds batches to cuda:0
+    and compares there, exactly as with one GPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from sensray.models import DTYPES, _hub_kwargs, resolve_name
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_name(model_spec.name), dtype=DTYPES[model_spec.dtype], device_map="auto", weights_only=True,
+        **_hub_kwargs(model_spec),
+    )
+    return model.eval()
+

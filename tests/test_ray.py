@@ -1,0 +1,302 @@
+"""The Ray executor on one machine: same answers as local, exactly-once rows through replica deaths,
+failing trials, interrupted and killed drivers, the default command, loopback-only listeners.
+
+Integration tests: they start a real local Ray (bound to 127.0.0.1) and stop it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from ray_support import (build_tiny_model, faulty_replica, is_loopback, listening_sockets, plan_of,
+                         ray_descendants, slow_replica, spec_text, stop_session)
+
+from sensray.errors import RestoreError, SensrayError
+from sensray.executors.ray import replica_count
+from sensray.results import Journal
+from sensray.sweep import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("ray-model"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module, started the way the executor starts it; stopped at the end."""
+    import ray
+
+    from sensray.executors.ray import connect
+
+    assert not ray.is_initialized()
+    connect(None, num_cpus=2)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run_executor(plan, on_row=None, **options):
+    """start + run + checksums + close; returns (rows, checksums, executor, log lines)."""
+    from sensray.executors.ray import RayExecutor
+
+    rows, logs = [], []
+    executor = RayExecutor(plan.spec, log=logs.append, **options)
+    try:
+        executor.start()
+        executor.run(plan.trials, lambda row: (rows.append(row), on_row and on_row(executor, rows)))
+        checksums = executor.checksums()
+    finally:
+        executor.close()
+    return rows, checksums, executor, logs
+
+
+def assert_exactly_once(rows, plan):
+    ids = [row["trial_id"] for row in rows]
+    assert len(ids) == len(set(ids)), "a trial was recorded twice"
+    assert set(ids) == {t.trial_id for t in plan.trials}, "a trial is missing"
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# -- unit: sizing the pool -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpus, gpus, replicas, free, expected", [
+    (1, 0, "auto", {"CPU": 2.0}, 2),
+    (0.5, 0, "auto", {"CPU": 2.0}, 4),
+    (1, 1, "auto", {"CPU": 48.0, "GPU": 4.0}, 4),
+    (1, 0.5, "auto", {"CPU": 8.0, "GPU": 1.0}, 2),
+    (2, 2, "auto", {"CPU": 16.0, "GPU": 8.0}, 4),
+    (1, 1, "auto", {"CPU": 8.0}, 1),  # no GPU yet (an autoscaler will add one): ask for one replica
+    (1, 0, 3, {"CPU": 2.0}, 3),
+])
+def test_replica_count(cpus, gpus, replicas, free, expected):
+    assert replica_count(cpus, gpus, replicas, free) == expected
+
+
+def test_cli_options_belong_to_ray(tiny, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text(*tiny, tmp_path / "results"))
+    assert main([str(spec), "--executor", "local", "--replicas", "2"]) == 1
+    assert "--replicas: only for --executor ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(spec), "--replicas", "0"])
+
+
+# -- same answers ----------------------------------------------------------------------------------
+
+
+def test_ray_and_local_give_the_same_trials_and_metrics(tiny, local_ray, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text(*tiny, tmp_path / "results"))
+    tables, baselines = {}, {}
+    for executor in ("local", "ray"):
+        assert main([str(spec), "--executor", executor]) == 0
+        out = capsys.readouterr()
+        run = Path(last_line(out.out))
+        tables[executor] = pl.read_parquet(run / "trials.parquet")
+        baselines[executor] = json.loads((run / "baseline.json").read_text())
+    local, ray_ = tables["local"], tables["ray"]
+    assert local["trial_id"].to_list() == ray_["trial_id"].to_list()  # same ids, same (plan) order
+    assert local.height == 12 and ray_["error"].is_null().all()
+    for metric in ("ppl", "nll", "delta_ppl", "kl", "top1_agreement"):
+        assert ray_[metric].to_list() == pytest.approx(local[metric].to_list(), rel=1e-5, abs=1e-6), metric
+    assert ray_["nonfinite"].to_list() == local["nonfinite"].to_list()
+    assert set(ray_["replica"]) <= {"ray-0@127.0.0.1", "ray-1@127.0.0.1"}
+    assert baselines["ray"]["checksum_at_load"] == baselines["local"]["checksum_at_load"]
+    assert baselines["ray"]["checksum_after_sweep"] == baselines["ray"]["checksum_at_load"]
+    assert baselines["ray"]["ppl"] == pytest.approx(baselines["local"]["ppl"], rel=1e-6)
+    assert "replicas" in out.err and "ETA" in out.err and "failures 0" in out.err
+
+
+def test_an_adaptive_search_runs_on_the_pool(tiny, local_ray, tmp_path, capsys):
+    text = spec_text(*tiny, tmp_path / "results", num_samples=1).replace(
+        "field: {grid_search: [exponent_msb, mantissa]}", "bit: {randint: [20, 32]}")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(text + "search: {algorithm: worst-case, metric: kl, mode: max, num_trials: 30}\n")
+    assert main([str(spec), "--executor", "ray"]) == 0
+    out = capsys.readouterr()
+    table = pl.read_parquet(Path(last_line(out.out)) / "trials.parquet")
+    assert table.height == 30 and table["trial_id"].n_unique() == 30 and table["error"].is_null().all()
+    assert sorted(table["sample"]) == list(range(30)) and all(r.startswith("ray-") for r in table["replica"])
+    assert "30 trials (30 to run)" in out.err
+
+
+# -- replicas that die, trials that fail -----------------------------------------------------------
+
+
+def test_a_killed_replica_is_replaced_and_its_trials_rerun(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=4))  # 16 trials
+    killed = {}
+
+    def kill_one_mid_trial(executor, rows):
+        if len(rows) == 3 and not killed:
+            victim = next(s for s in executor.slots if s.ready and s.inflight)
+            _, running = local_ray.wait(list(victim.inflight), num_returns=len(victim.inflight), timeout=0)
+            killed.update(replica=victim.replica_id, trials={executor.refs[r][1].trial_id for r in running})
+            os.kill(victim.pid, signal.SIGKILL)  # it is sleeping inside run_trial: mid-trial
+
+    rows, checksums, executor, logs = run_executor(plan, kill_one_mid_trial, replica_factory=slow_replica(0.2))
+    assert_exactly_once(rows, plan)
+    assert all(row["error"] is None for row in rows)
+    rerun = [row for row in rows if row["trial_id"] in killed["trials"]]
+    assert rerun and all(row["replica"] != killed["replica"] for row in rerun)
+    assert executor.launched == 3 and any("died" in line and "requeued" in line for line in logs)
+    assert set(checksums) == {executor.baseline["checksum_at_load"]}
+
+
+def test_a_trial_that_kills_its_replica_every_time_becomes_an_error_row(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))  # 4 trials
+    poison = plan.trials[1].trial_id
+    rows, _, executor, logs = run_executor(plan, replicas=1, max_attempts=2,
+                                           replica_factory=faulty_replica(crash_on=poison))
+    assert_exactly_once(rows, plan)
+    [bad] = [row for row in rows if row["trial_id"] == poison]
+    assert bad["error"].startswith("ReplicaDied: the replica died 2 times") and bad["ppl"] is None
+    assert all(row["error"] is None for row in rows if row["trial_id"] != poison)
+    assert executor.launched == 3  # the first, and one replacement per death
+
+
+def test_a_trial_out_of_memory_is_a_row_and_the_sweep_goes_on(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))
+    oom = plan.trials[2].trial_id
+    rows, _, executor, _ = run_executor(plan, replicas=1, replica_factory=faulty_replica(oom_on=oom))
+    assert_exactly_once(rows, plan)
+    [bad] = [row for row in rows if row["trial_id"] == oom]
+    assert bad["error"].startswith("RuntimeError: CUDA out of memory") and bad["ppl"] is None
+    assert sum(row["error"] is None for row in rows) == 3 and executor.launched == 1
+
+
+def test_a_restore_that_fails_stops_the_sweep_with_its_error(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))
+    with pytest.raises(RestoreError, match="simulated"):
+        run_executor(plan, replicas=1, replica_factory=faulty_replica(restore_fails=True))
+
+
+def test_a_replica_that_cannot_load_stops_the_sweep_with_its_error(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))
+    with pytest.raises(SensrayError, match="cannot load 'nowhere'"):
+        run_executor(plan, replicas=1, replica_factory=faulty_replica(load_fails=True))
+
+
+def test_impossible_resources_fail_before_anything_runs(tiny, local_ray, tmp_path):
+    plan = plan_of(spec_text(*tiny, tmp_path, extra="").replace("cpus: 1,", "gpus: 1, cpus: 1,"))
+    with pytest.raises(SensrayError, match="needs 1 CPU and 1 GPU"):
+        run_executor(plan)
+
+
+# -- interrupted and killed drivers, the default command -------------------------------------------
+
+
+def test_a_terminated_sweep_resumes_with_every_trial_once(tiny, local_ray, tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text(*tiny, tmp_path / "results", num_samples=4))  # 16 trials
+    written, append = [], Journal.append
+
+    def terminate_after_four(self, row):
+        written.append(row)
+        append(self, row)
+        if len(written) == 4:  # `kill` (SIGTERM) the driver while other trials are in flight
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Journal, "append", terminate_after_four)
+    assert main([str(spec), "--executor", "ray"]) == 130  # like Ctrl-C: replicas stopped, journal kept
+    monkeypatch.undo()
+    run = next((tmp_path / "results" / "raysweep").iterdir())
+    journal = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+    assert journal == written and not (run / "trials.parquet").exists()
+    capsys.readouterr()
+
+    assert main([str(spec), "--resume", str(run), "--executor", "ray"]) == 0
+    out = capsys.readouterr()
+    assert "16 trials (12 to run)" in out.err and Path(last_line(out.out)) == run
+    table = pl.read_parquet(run / "trials.parquet")
+    assert table.height == 16 and table["trial_id"].n_unique() == 16
+    before = {row["trial_id"]: row["seconds"] for row in journal}
+    kept = table.filter(pl.col("trial_id").is_in(list(before)))
+    assert dict(zip(kept["trial_id"], kept["seconds"])) == before  # not run again
+
+
+def _sweep_process(*args, cwd=REPO):
+    return subprocess.Popen([sys.executable, "-m", "sensray.sweep", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_the_default_command_killed_loses_only_trials_in_flight_and_resume_finishes(tiny, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text(*tiny, tmp_path / "results", num_samples=50))  # 200 trials
+    driver = _sweep_process(spec)  # no --executor: Ray is the default
+    sid = os.getsid(driver.pid)
+    try:
+        journal = _wait_for_rows(tmp_path / "results" / "raysweep", 10, driver)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop_session(sid, grace=5)  # Ray's own processes follow the driver; its agents may linger
+    rows = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
+    assert 10 <= len(rows) < 200 and not (journal.parent / "trials.parquet").exists()
+    assert all(row["replica"].startswith("ray-") for row in rows)
+
+    resume = _sweep_process("--resume", journal.parent)
+    sid = os.getsid(resume.pid)
+    out, err = resume.communicate(timeout=300)
+    leftovers = stop_session(sid)
+    assert resume.returncode == 0, err
+    assert f"200 trials ({200 - len(rows)} to run)" in err and Path(last_line(out)) == journal.parent
+    table = pl.read_parquet(journal.parent / "trials.parquet")
+    assert table.height == 200 and table["trial_id"].n_unique() == 200 and table["error"].is_null().all()
+    kept = table.filter(pl.col("trial_id").is_in([r["trial_id"] for r in rows]))
+    assert sorted(kept["seconds"]) == sorted(r["seconds"] for r in rows)  # finished trials did not run again
+    assert "[200/200]" in err and "trials/s" in err and "failures 0" in err and re.search(r"replicas [12] ", err)
+    assert "Traceback" not in err and "Loading weights" not in err
+    assert not leftovers, f"Ray processes outlived the driver: {leftovers}"
+
+
+def _wait_for_rows(results: Path, count: int, driver, timeout: float = 180) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        journals = list(results.glob("*/trials.jsonl"))
+        if journals and journals[0].read_text().count("\n") >= count:
+            return journals[0]
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the sweep wrote no rows in time")
+
+
+# -- loopback --------------------------------------------------------------------------------------
+
+
+def test_every_ray_listener_is_on_loopback(tiny, local_ray, tmp_path):
+    """The module's Ray was started by the executor's own connect(); check it with two replicas up."""
+    from sensray.executors.ray import RayExecutor
+
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))
+    executor = RayExecutor(plan.spec, log=lambda line: None)
+    try:
+        executor.start()
+        executor.run(plan.trials, lambda row: None)
+        procs = ray_descendants()
+        names = {p.name() for p in procs}
+        assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::ReplicaActor") for n in names), names
+        sockets = listening_sockets(procs)
+        assert sockets, "found no listening sockets at all"
+        outside = [s for s in sockets if not is_loopback(s[2])]
+        assert not outside, f"Ray listens beyond loopback: {outside}"
+        assert {node["NodeManagerAddress"] for node in local_ray.nodes()} == {"127.0.0.1"}
+    finally:
+        executor.close()
