@@ -113,6 +113,31 @@ def worker(way: str, model_dir: str, trials: int) -> None:
     print(json.dumps({"rate": trials / seconds, "peak_mb": peak_mb}))
 
 
+def in_process_ab(model_dir: str, pairs: int) -> tuple[float, float]:
+    """Alternate one bare trial and one sensray trial on the same loaded model: the same machine state
+    for both, so the ratio survives a busy machine. Median seconds per trial of each."""
+    import torch.nn.functional as F
+
+    from sensray.plan import make_plan
+    from sensray.replica import Replica
+
+    spec = spec_for(model_dir)
+    replica = Replica(spec)
+    trials = make_plan(spec, replica.model).trials
+    batch = replica.batches[0]
+    bare, ours = [], []
+    for i in range(pairs):
+        start = time.perf_counter()
+        with torch.inference_mode():  # the bare loop's forward + loss (its flip/restore cost microseconds)
+            logits = replica.model(input_ids=batch, use_cache=False).logits
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+        bare.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        replica.run_trial(trials[i])
+        ours.append(time.perf_counter() - start)
+    return statistics.median(bare), statistics.median(ours)
+
+
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark. (ru_maxrss would include the parent's: Linux keeps it across exec.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,6 +182,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64, help="trials for bare and sensray")
     parser.add_argument("--reload-trials", type=int, default=8, help="trials for reload (slow)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    parser.add_argument("--ab", type=int, metavar="PAIRS", help="only the in-process A/B of bare vs sensray")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -168,6 +194,12 @@ def main() -> None:
         dirs = {"tiny": str(BUNDLED_MODEL)}
         if "llama-40m" in args.models:
             dirs["llama-40m"] = build_40m(Path(tmp))
+        if args.ab:
+            print("| model | bare s/trial | sensray s/trial | sensray rate / bare rate |\n|---|---|---|---|")
+            for name in args.models.split(","):
+                bare, ours = in_process_ab(dirs[name], args.ab)
+                print(f"| {name} | {bare:.3f} | {ours:.3f} | {bare / ours:.3f} |", flush=True)
+            return
         print(f"| model | way | trials/s | vs bare | peak RSS (MB) | vs bare |\n|---|---|---|---|---|---|")
         for name in args.models.split(","):
             results = interleaved(dirs[name], args)
