@@ -2,15 +2,18 @@
 
     python benchmarks/ray_overhead.py                    # everything, as markdown for docs/BENCHMARKS.md
     python benchmarks/ray_overhead.py --only overhead --trials 400
+    python benchmarks/ray_overhead.py --only scaling --sequences 4 --scaling-trials 30 --rounds 3
     python benchmarks/ray_overhead.py --only tune        # the alternative not taken: a Tune trainable per trial
 
     overhead  a replica that does no work (returns a fixed row): what is left per trial is the engine,
               i.e. dispatch, the result's trip back, the driver's fsynced journal and progress line.
               Per-trial latency at 1 in flight (median), and throughput with 2 in flight per replica.
     tune      the same no-op trials as a Tune class trainable with reuse_actors=True (storage in a temp dir)
-    scaling   a ~40M-parameter random Llama (trial_rate.LLAMA_40M), bit-flip trials on 4 x 128 tokens:
-              trials/s of 1 replica x 1 thread, 2 x 1 thread, 1 x 2 threads, and the local executor,
-              each measured --rounds times, interleaved, from the moment every replica has loaded
+    scaling   a ~40M-parameter random Llama (trial_rate.LLAMA_40M), bit-flip trials on 16 x 128 tokens
+              (as trial_rate.py; --sequences 4 for a quarter): trials/s of 1 replica x 1 thread,
+              2 x 1 thread, 1 x 2 threads, and the local executor, each measured --rounds times,
+              interleaved, from the moment every replica has loaded; a measurement during which other
+              programs used more than 0.1 of a core is taken again
     startup   seconds from `python -m sensray.sweep` to the first row in the journal, Ray and local
 
 Everything runs on a local Ray bound to 127.0.0.1 and stops it again. Numbers depend on the
@@ -331,9 +334,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["overhead", "tune", "scaling", "startup"], action="append")
     parser.add_argument("--trials", type=int, default=400, help="no-work trials for overhead and tune")
-    parser.add_argument("--scaling-trials", type=int, default=30, help="trials per scaling measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each scaling configuration")
-    parser.add_argument("--sequences", type=int, default=4, help="eval sequences of 128 tokens for scaling")
+    parser.add_argument("--scaling-trials", type=int, default=20, help="trials per scaling measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats of each scaling configuration")
+    parser.add_argument("--sequences", type=int, default=16, help="eval sequences of 128 tokens (trial_rate.py: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="startup measurements per executor")
     args = parser.parse_args()
     wanted = args.only or ["overhead", "tune", "scaling", "startup"]
