@@ -54,7 +54,6 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
@@ -63,6 +62,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     get_cosine_schedule_with_warmup,
 )
+
+from sensray.corpus import load_splits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "sensray" / "assets" / "tiny-llama"
@@ -102,30 +103,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-save", action="store_true", help="train and evaluate only")
     return p.parse_args()
-
-
-def load_splits() -> tuple[str, str, list[str]]:
-    """Split the pydoc topics deterministically into (train, held-out) text.
-
-    Keys are sorted so the split does not depend on dict order; topic i is
-    held out when i % 10 == 5 (8 of the 79 topics, ~36 KB).
-
-    The topics overlap: "specialnames" embeds "customization" and
-    "attribute-access" verbatim, "compound" embeds "for", and so on.  A naive
-    split would train on most of the held-out text (held-out ppl ~4, i.e.
-    memorisation).  So every paragraph that also occurs in the held-out text is
-    removed from the training topics.
-    """
-    keys = sorted(topics)
-    heldout_keys = [k for i, k in enumerate(keys) if i % 10 == 5]
-    train_keys = [k for i, k in enumerate(keys) if i % 10 != 5]
-    heldout_text = "\n\n".join(topics[k] for k in heldout_keys)
-    heldout_paragraphs = set(heldout_text.split("\n\n"))
-    train_text = "\n\n".join(
-        "\n\n".join(p for p in topics[k].split("\n\n") if p not in heldout_paragraphs)
-        for k in train_keys
-    )
-    return train_text, heldout_text, heldout_keys
 
 
 def train_tokenizer(text: str) -> Tokenizer:

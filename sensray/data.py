@@ -1,6 +1,7 @@
 """Evaluation corpora, tokenized once per replica into fixed token windows.
 
     data: {corpus: bundled}                                   # the shipped held-out pydoc text
+    data: {corpus: bundled-train}                             # the shipped model's training text (calibration)
     data: {corpus: notes/eval.txt}                            # a local text file
     data: {corpus: eval.jsonl, text_field: text}              # one JSON object per line
     data: {corpus: "hf:wikitext/wikitext-2-raw-v1", split: test}   # datasets.load_dataset
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sensray.corpus import load_splits
 from sensray.errors import SpecError
 from sensray.spec import DataSpec
 
@@ -26,6 +28,8 @@ def load_text(spec: DataSpec) -> str:
     """The corpus as one string (documents joined with "\\n\\n")."""
     if spec.corpus == "bundled":
         return BUNDLED_CORPUS.read_text(encoding="utf-8")
+    if spec.corpus == "bundled-train":
+        return load_splits()[0]
     if spec.corpus.startswith("hf:"):
         return _hf_text(spec)
     path = Path(spec.corpus)

@@ -17,10 +17,12 @@ import torch
 
 from sensray.checksum import weights_checksum
 from sensray.data import eval_batches
+from sensray.early_stop import RungCheck, rung_batches
 from sensray.errors import RestoreError
 from sensray.metrics import Scores, evaluate, reference
 from sensray.models import load_model, load_tokenizer, pick_device, resolve_name
 from sensray.perturbations import PERTURBATIONS
+from sensray.prefix import PrefixCache, default_budget
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
 
@@ -49,7 +51,19 @@ class Replica:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
         self.batches = [b.to(self.device) for b in eval_batches(spec.data, tokenizer)]
         self.reference = reference(self.model, self.batches)
-        scores = evaluate(self.model, self.batches)
+        self.prefix = self._record_prefix() if spec.reuse.prefix else None
+        partial: dict[int, Scores] = {}  # batches done -> the baseline's scores on them
+
+        def keep_partial(done: int, scores: Scores) -> bool:
+            partial[done] = scores
+            return False
+
+        scores = evaluate(self.model, self.batches, stop=keep_partial)
+        # The baseline ppl on the tokens evaluated so far: a trial stopped early compares like with like.
+        self.partial_ppl = {s.tokens: s.ppl for s in partial.values()} | {scores.tokens: scores.ppl}
+        if spec.early_stop is not None:
+            self.rungs = rung_batches(spec.early_stop.rungs, len(self.batches))
+            self.rung_ppls = [partial[n].ppl for n in self.rungs]
         self.baseline = Baseline(
             model=spec.model.name,
             source=resolve_name(spec.model.name),
@@ -67,13 +81,15 @@ class Replica:
         """One row of the trial table. A failing trial is recorded with its error, never raised,
         unless the weights could not be restored: then nothing after it could be trusted."""
         start = time.perf_counter()
-        error, scores = None, None
+        error, scores, check = None, None, None
         kind = PERTURBATIONS.get(trial.kind)
         params = kind.parse(trial.params)
         undo = None
         try:
             undo = kind.apply(self.model, params)
-            scores = evaluate(self.model, self.batches, self.reference)
+            first = self.prefix.start_for(undo) if self.prefix is not None else 0
+            check = self._rung_check(trial)
+            scores = evaluate(self.model, self.batches, self.reference, self.prefix, first, check)
         except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: a result, not a crash
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()
@@ -84,13 +100,27 @@ class Replica:
                     raise RestoreError(f"trial {trial.trial_id}: weights differ from their originals after restore")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return self._row(trial, scores, error, time.perf_counter() - start)
+        row = self._row(trial, scores, error, time.perf_counter() - start)
+        if check is not None:
+            row.update(check.row_fields(), tokens=scores.tokens if scores is not None else None)
+        return row
+
+    def _rung_check(self, trial: Trial) -> RungCheck | None:
+        if self.spec.early_stop is None:
+            return None
+        return RungCheck(self.spec.early_stop, self.rungs, self.rung_ppls, trial.bounds)
+
+    def _record_prefix(self) -> PrefixCache:
+        max_gb = self.spec.reuse.max_gb
+        budget = int(max_gb * 2**30) if max_gb is not None else default_budget(self.device)
+        return PrefixCache.record(self.model, self.batches, budget)
 
     def _row(self, trial: Trial, scores: Scores | None, error: str | None, seconds: float) -> dict:
         metrics = dict.fromkeys(METRICS)
         if scores is not None:
             metrics.update({k: v for k, v in asdict(scores).items() if k in metrics})
-            metrics["delta_ppl"] = scores.ppl / self.baseline.ppl if math.isfinite(scores.ppl) else math.inf
+            baseline_ppl = self.partial_ppl[scores.tokens]  # all tokens, unless early stopping cut the trial short
+            metrics["delta_ppl"] = scores.ppl / baseline_ppl if math.isfinite(scores.ppl) else math.inf
         return {**trial.config(), **metrics, "seconds": seconds, "replica": self.replica_id, "error": error}
 
     def checksum(self) -> str:

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -209,6 +209,9 @@ class Trial:
     kind: str
     params: dict[str, Any]
     sample: int
+    # Early stopping only (sensray.early_stop): per rung, the score below which this trial stops
+    # (None: no bound yet). Not part of the trial's identity or its row's config.
+    bounds: tuple[float | None, ...] | None = field(default=None, compare=False)
 
     def config(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "kind": self.kind, "sample": self.sample, **self.params}

@@ -44,7 +44,7 @@ class ModelSpec(Frozen):
 
 
 class DataSpec(Frozen):
-    corpus: str = Field("bundled", description="'bundled', a .txt/.jsonl path, or 'hf:<dataset>[/<config>]'")
+    corpus: str = Field("bundled", description="'bundled', 'bundled-train', a .txt/.jsonl path, or 'hf:<dataset>[/<config>]'")
     split: str = "test"
     text_field: str = "text"
     data_files: Optional[str] = None
@@ -90,6 +90,33 @@ class ResourcesSpec(Frozen):
         raise ValueError(f"must be 'auto' or a whole number >= 1, got {replicas!r}")
 
 
+class ReuseSpec(Frozen):
+    """Prefix reuse (sensray/prefix.py): trials resume their forward at the first block they touch."""
+
+    prefix: bool = Field(True, description="record block outputs at baseline and skip untouched leading blocks")
+    max_gb: Optional[float] = Field(
+        None, gt=0, description="memory for the recorded outputs; null: a quarter of the device's free memory"
+    )
+
+
+class EarlyStopSpec(Frozen):
+    """Stop trials that cannot reach the top-k (sensray/early_stop.py): for worst-case hunts."""
+
+    top_k: int = Field(ge=1, description="how many of the most damaging trials must be found exactly")
+    rungs: list[float] = Field(
+        [0.25, 0.5], min_length=1, description="fractions of the eval batches after which a trial may stop"
+    )
+    metric: Literal["ppl", "nll", "delta_ppl", "kl", "top1_agreement"] = "delta_ppl"
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing_fractions(cls, rungs: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in rungs) or rungs != sorted(set(rungs)):
+            raise ValueError(f"must be increasing fractions strictly between 0 and 1, got {rungs}")
+        return rungs
+
+
 class SearchSpec(Frozen):
     """An adaptive study: a searcher proposes each trial from the results so far (instead of a fixed grid)."""
 
@@ -118,6 +145,8 @@ class ExperimentSpec(Frozen):
     seed: int = Field(0, ge=0)
     output_dir: str = "results"
     resources: ResourcesSpec = ResourcesSpec()
+    reuse: ReuseSpec = ReuseSpec()
+    early_stop: Optional[EarlyStopSpec] = None
     search: Optional[SearchSpec] = None
 
     @field_validator("name")

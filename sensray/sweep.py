@@ -116,6 +116,8 @@ def _run(plan: Plan, run_dir, executor_name: str, **options) -> int:
               f"{spec.model.name} [{spec.model.dtype}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
               f"on {baseline['tokens']} tokens", file=sys.stderr)
         run.write_baseline(baseline)
+        if spec.early_stop is not None:
+            todo = _early_stopping(spec, todo, baseline, run.rows())
         progress = Progress(total=total, done=total - len(todo))
         progress.replicas = executor.replicas
         with Journal(run.journal) as journal:
@@ -132,11 +134,31 @@ def _run(plan: Plan, run_dir, executor_name: str, **options) -> int:
     finally:
         executor.close()
     run.write_baseline(baseline | {"checksum_after_sweep": after[0] if len(set(after)) == 1 else after})
-    run.finish(table_rows(plan, run.rows()))
+    rows = run.rows()
+    run.finish(table_rows(plan, rows))
     if set(after) != {baseline["checksum_at_load"]}:
         raise RestoreError(f"weights checksum changed over the sweep ({baseline['checksum_at_load']} -> {after})")
+    if spec.early_stop is not None:
+        print(_savings_line(rows, baseline["tokens"]), file=sys.stderr)
     print(run.path)
     return 0
+
+
+def _early_stopping(spec, todo, baseline: dict, done_rows: list[dict]):
+    from sensray.early_stop import Board, EarlyStopFeed
+    from sensray.executors.feed import StaticFeed
+
+    feed = todo if hasattr(todo, "poll") else StaticFeed(todo)
+    return EarlyStopFeed(feed, Board(spec.early_stop, baseline["ppl"]), done_rows)
+
+
+def _savings_line(rows: list[dict], tokens_per_trial: int) -> str:
+    from sensray.early_stop import savings
+
+    spent, full = savings(rows, tokens_per_trial)
+    stopped = sum(row.get("stopped_rung") is not None for row in rows)
+    return (f"early stopping: {stopped} of {len(rows)} trials stopped early; {spent:,} of {full:,} token evaluations "
+            f"({1 - spent / max(full, 1):.0%} saved)")
 
 
 @contextlib.contextmanager

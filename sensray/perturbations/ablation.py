@@ -49,7 +49,7 @@ class Ablation(Perturbation):
         selection = cls.check(model, params)
         if params.mode == "skip":
             blocks = [model.get_submodule(c.module) for c in selection.components]
-            return RemovableHooks([b.register_forward_hook(_identity, with_kwargs=True) for b in blocks])
+            return RemovableHooks([b.register_forward_hook(_identity, with_kwargs=True) for b in blocks], blocks)
         tensors = tensors_of(model, selection)
         undo = SavedTensors(tensors)
         for tensor in tensors:

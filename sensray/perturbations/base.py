@@ -57,6 +57,11 @@ class Undo(Protocol):
 
     def verify(self) -> bool: ...
 
+    def touches(self) -> list[torch.Tensor | nn.Module]:
+        """What the perturbation changed: tensors (or views of them) and hooked modules. Prefix
+        reuse starts a trial's forward at the first decoder block holding any of them."""
+        ...
+
 
 class SavedTensors:
     """Originals of whole tensors (or views) that a kind overwrites wholesale."""
@@ -72,6 +77,9 @@ class SavedTensors:
     def verify(self) -> bool:
         return all(bits_equal(live, saved) for live, saved in zip(self.live, self.saved))
 
+    def touches(self) -> list[torch.Tensor]:
+        return list(self.live)
+
 
 class SavedElements:
     """Originals of a few scattered elements, kept as raw bits."""
@@ -86,12 +94,15 @@ class SavedElements:
     def verify(self) -> bool:
         return torch.equal(self.bits[self.index], self.saved)
 
+    def touches(self) -> list[torch.Tensor]:
+        return [self.bits]
+
 
 class RemovableHooks:
     """Forward hooks change what runs, not the weights: undoing is removing them."""
 
-    def __init__(self, handles: list):
-        self.handles = handles
+    def __init__(self, handles: list, modules: list[nn.Module]):
+        self.handles, self.modules = handles, modules
 
     def restore(self) -> None:
         for handle in self.handles:
@@ -100,6 +111,9 @@ class RemovableHooks:
 
     def verify(self) -> bool:
         return not self.handles
+
+    def touches(self) -> list[nn.Module]:
+        return list(self.modules)
 
 
 class UndoAll:
@@ -114,6 +128,9 @@ class UndoAll:
 
     def verify(self) -> bool:
         return all(part.verify() for part in self.parts)
+
+    def touches(self) -> list[torch.Tensor | nn.Module]:
+        return [thing for part in self.parts for thing in part.touches()]
 
 
 class Perturbation:
