@@ -67,8 +67,9 @@ def main() -> None:
     print("| run | trials stopped | token evaluations | saved | wall (s) | top-k equals exhaustive |")
     print("|---|---|---|---|---|---|")
     print(f"| exhaustive | 0 | {exhaustive.height * tokens:,} | | {t_full:.1f} | |")
-    n_stopped = stopped["stopped_rung"].drop_nulls().len()
-    print(f"| early stopping | {n_stopped} | {spent:,} | {1 - spent / full:.1%} | {t_stop:.1f} | {same} |")
+    rungs = stopped["stopped_rung"].drop_nulls()
+    by_rung = ", ".join(f"{(rungs == r).sum()} at rung {r}" for r in range(len(spec.early_stop.rungs)))
+    print(f"| early stopping | {rungs.len()} ({by_rung}) | {spent:,} | {1 - spent / full:.1%} | {t_stop:.1f} | {same} |")
     if not same:
         print(f"exhaustive top-{k}: {top_k(exhaustive, k, mode)}\nearly-stop top-{k}: {top_k(stopped, k, mode)}",
               file=sys.stderr)

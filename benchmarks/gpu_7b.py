@@ -19,9 +19,8 @@ then one device call, carry [".whl"], timeout_s 600 (about 2.8 MB of wheels trav
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_7b.py 2>&1 | tee $OUT/gpu_7b.log
 
-polars: `import sensray.perturbations` imports sensray.pruning.allocation, which imports polars
-at module level, though bit flips never use it. Where polars is missing this script puts an
-empty stand-in module in its place (any use of it raises) and says so in its output.
+The import chain it uses (sensray.replica and what it imports) loads neither polars nor ray;
+the table's header line says which of ray, polars, pydantic were loaded.
 
 What runs, per shape (each built with random bf16 weights directly on the GPU:
 `with torch.device("cuda"): AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)`,
@@ -80,7 +79,6 @@ import shlex
 import statistics
 import sys
 import time
-import types
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -115,26 +113,6 @@ GIB = 2**30
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def stand_in_for_polars() -> bool:
-    """Where polars is not installed, an empty module in its place (True if one was put there).
-
-    sensray.perturbations imports sensray.pruning.allocation, which imports polars at module
-    level for reading finished runs' tables; a bit-flip sweep never calls it."""
-    if importlib.util.find_spec("polars") is not None:
-        return False
-    stand_in = types.ModuleType("polars")
-
-    def __getattr__(name: str):
-        # AttributeError, so that hasattr() and getattr(..., default) (inspect walks sys.modules) still work.
-        raise AttributeError(f"polars is not installed; benchmarks/gpu_7b.py stood in an empty module "
-                             f"for it, and polars.{name} was asked for")
-
-    stand_in.__getattr__ = __getattr__
-    stand_in.STAND_IN = True
-    sys.modules["polars"] = stand_in
-    return True
 
 
 class Timer:
@@ -432,7 +410,7 @@ def g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def report(results: list[dict], args, device: torch.device, matmul: float, polars_stood_in: bool) -> str:
+def report(results: list[dict], args, device: torch.device, matmul: float) -> str:
     import transformers
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -440,9 +418,7 @@ def report(results: list[dict], args, device: torch.device, matmul: float, polar
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
         where = f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()}) -- a smoke run, not a GPU number"
-    # None entries (a blocked import) and the polars stand-in are not the package itself.
-    loaded = [m for m in ("ray", "polars", "pydantic")
-              if sys.modules.get(m) is not None and not getattr(sys.modules[m], "STAND_IN", False)]
+    loaded = [m for m in ("ray", "polars", "pydantic") if sys.modules.get(m) is not None]  # None: a blocked import
     lines = [
         f"{when}; {where}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
@@ -451,8 +427,7 @@ def report(results: list[dict], args, device: torch.device, matmul: float, polar
         f"{args.seeds} bit flip(s) per block (exponent MSB, one element), {args.warmup} warm-up trial(s) each way",
         f"bf16 matmul {args.matmul_n}^3: {g(matmul)} TFLOP/s (mean of 20 after 3 warm-ups); "
         f"model forward: median of {args.forward_reps} after a warm-up",
-        f"modules loaded: {', '.join(loaded) or 'none'} of ray, polars, pydantic"
-        + ("; polars was missing and stood in for by an empty module" if polars_stood_in else ""),
+        f"modules loaded: {', '.join(loaded) or 'none'} of ray, polars, pydantic",
         "",
         "| model | way | trials | trials/s | median s/trial | vs full | metrics identical to full | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -567,9 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     if importlib.util.find_spec("pydantic") is None:
         sys.exit("pydantic is not installed (sensray's specs need it): carry its wheels as the docstring of "
                  "benchmarks/gpu_7b.py says, and install them with pip --target before this runs")
-    polars_stood_in = stand_in_for_polars()
     import sensray.replica  # noqa: F401  (the import chain the study uses, before anything is timed)
-    log(f"device {device}; polars {'stood in' if polars_stood_in else 'installed'}; "
+    log(f"device {device}; polars imported: {sys.modules.get('polars') is not None}; "
         f"ray imported: {sys.modules.get('ray') is not None}")
     timer = Timer(device)
     matmul = matmul_rate(device, args.matmul_n)
@@ -578,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         results.append(run_shape(shape, device, args, timer))
     log(f"done in {time.perf_counter() - began:.0f} s")
-    print(report(results, args, device, matmul, polars_stood_in), flush=True)
+    print(report(results, args, device, matmul), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ non-zero exit and no traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class SensrayError(Exception):
     """An error caused by the user's input or environment, with a message that says what to fix."""
@@ -40,3 +43,18 @@ class SpecError(SensrayError):
 
 class RestoreError(SensrayError):
     """Weights after a trial differ from the weights before it: a correctness failure."""
+
+
+def run_cli(command: Callable[[], int], interrupted: str | None = None) -> int:
+    """Run a command-line entry point: a `SensrayError` becomes one `error:` line on stderr and its
+    exit code; with `interrupted` (what Ctrl-C leaves behind), Ctrl-C exits 130 saying so."""
+    try:
+        return command()
+    except SensrayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        return 130

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from sensray.errors import RestoreError, SensrayError, SpecError
+from sensray.errors import RestoreError, SpecError, run_cli
 
 DEFAULT_PROMPT = "The for statement"
 
@@ -64,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except SensrayError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 1)
+    return run_cli(lambda: _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -19,9 +19,8 @@ import contextlib
 import signal
 import sys
 import threading
-from pathlib import Path
 
-from sensray.errors import RestoreError, SensrayError, SpecError
+from sensray.errors import RestoreError, SensrayError, SpecError, run_cli
 from sensray.executors import EXECUTORS
 from sensray.plan import Plan, make_plan
 from sensray.spec import load_spec
@@ -53,16 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command() -> int:
         with _terminate_as_interrupt():
             return _dispatch(args)
-    except SensrayError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are in the run's trials.jsonl; finish with --resume RUN_DIR",
-              file=sys.stderr)
-        return 130
+
+    return run_cli(command, interrupted="finished trials are in the run's trials.jsonl; finish with --resume RUN_DIR")
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from sensray.errors import SensrayError
+from sensray.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except SensrayError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return run_cli(lambda: _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:

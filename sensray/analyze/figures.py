@@ -4,6 +4,7 @@
     fig = figures.flip_heatmap(trials, baseline_ppl=23.4)      # a matplotlib Figure, or None
     figures.save(fig, Path("analysis/bitflip-heatmap"), formats=("png", "svg"))
     figures.figures_for(trials, baseline_ppl=23.4)             # every figure that applies, by name
+    figures.prune_curves(trials, baseline_ppl=23.4)            # pruning: perplexity against sparsity per method
 
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: no global state,
 no window, and a notebook's own backend is left alone. Each figure is titled, its axes carry
@@ -358,6 +359,78 @@ def _log_bins(values: np.ndarray, count: int = 40) -> np.ndarray:
     return np.geomspace(low, high, count + 1)
 
 
+def prune_curves(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
+                 context: str = "") -> Figure | None:
+    """Pruning: perplexity against sparsity per method (magnitude, wanda, sensitivity; per matrix or
+    per row), log y; the median per sparsity a line, N:M patterns as labelled diamonds at their
+    sparsity, non-finite trials as crosses on the top edge."""
+    t = _finished(trials, "prune")
+    if t.is_empty() or ("sparsity" not in t.columns and "pattern" not in t.columns):
+        return None
+    t = prune_conditions(t)
+    if t["x"].drop_nulls().n_unique() < 2 and t["nm"].is_null().all():
+        return None  # one sparsity, no N:M: nothing to draw a curve through
+    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    finite = t.filter(pl.col("ppl").is_finite())["ppl"].to_numpy()
+    top = max(finite.max() if finite.size else baseline_ppl, baseline_ppl) * 1.5
+    labels = t["label"].unique(maintain_order=True).sort().to_list()
+    for label, colour in zip(labels, palette(len(labels))):
+        _prune_curve(ax, t.filter(pl.col("label") == label), top, colour, label)
+    if len(finite) < len(t):
+        ax.text(1.0, 1.0, "x on the top edge: non-finite", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
+    ax.axhline(baseline_ppl, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.4g})")
+    _threshold_line(ax, baseline_ppl * threshold, finite, f"catastrophic (> {threshold:g}× baseline)", vertical=False)
+    ax.set_yscale("log")
+    ax.autoscale_view()
+    plain_log_ticks(ax.yaxis)
+    ax.set_xlabel("sparsity (share of each pruned weight matrix set to zero)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.legend(fontsize=7, title="method (weights compete per)", title_fontsize=7)
+    _title(fig, "Pruning: perplexity against sparsity per method", context)
+    return fig
+
+
+def prune_conditions(t: pl.DataFrame) -> pl.DataFrame:
+    """Add `x` (the sparsity, implied by N:M when not given), `nm` (the N:M pattern or null) and
+    `label` (method, the score a sensitivity run ranks by, the scope, and the target when several)."""
+    def column(name: str, default) -> pl.Expr:
+        return pl.col(name) if name in t.columns else pl.lit(default)
+
+    method, pattern = column("method", "magnitude"), column("pattern", "unstructured")
+    ranking = pl.when(method == "sensitivity").then(column("score", None).fill_null("magnitude")).otherwise(method)
+    nm = pl.when(pattern != "unstructured").then(pattern)
+    implied = 1 - pattern.str.extract(r"^(\d+):", 1).cast(pl.Float64) / pattern.str.extract(r":(\d+)$", 1).cast(
+        pl.Float64)
+    scope = column("scope", None).fill_null(
+        pl.when((ranking == "wanda") | nm.is_not_null()).then(pl.lit("row")).otherwise(pl.lit("tensor")))
+    name = pl.when(method == "sensitivity").then(pl.format("sensitivity·{}", ranking)).otherwise(method)
+    label = pl.format("{} ({})", name, scope)
+    if 1 < t["target"].n_unique() <= 6:
+        label = pl.format("{}, {}", label, pl.col("target"))
+    return t.with_columns(pl.coalesce(column("sparsity", None).cast(pl.Float64), implied).alias("x"),
+                          nm.alias("nm"), label.alias("label"))
+
+
+def _prune_curve(ax, t: pl.DataFrame, top: float, colour, label: str) -> None:
+    dense = t.filter(pl.col("nm").is_null())
+    ok = dense.filter(pl.col("ppl").is_finite())
+    ax.scatter(ok["x"], ok["ppl"], s=10, alpha=0.45, color=colour)
+    bad = t.filter(~pl.col("ppl").is_finite() | pl.col("nonfinite"))
+    if len(bad):
+        ax.scatter(bad["x"], [top] * len(bad), marker="x", s=30, color=colour, clip_on=False)
+    if len(dense):
+        medians = dense.group_by("x").agg(pl.col("ppl").median()).sort("x")
+        ax.plot(medians["x"], np.minimum(medians["ppl"].to_numpy(), top), color=colour, label=label, linewidth=1.6,
+                marker="o" if len(medians) == 1 else None)
+    structured = t.filter(pl.col("nm").is_not_null() & pl.col("ppl").is_finite())
+    for i, ((pattern,), part) in enumerate(structured.group_by("nm", maintain_order=True)):
+        x, y = part["x"][0], part["ppl"].median()
+        ax.scatter([x], [y], marker="D", s=36, color=colour, edgecolor="black", linewidth=0.6,
+                   label=label if i == 0 and not len(dense) else None)
+        ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7, color=colour)
+
+
 def figures_for(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
                 context: str = "") -> dict[str, Figure]:
     """Every figure that applies to this table, by file stem (e.g. `bitflip-heatmap`)."""
@@ -367,6 +440,7 @@ def figures_for(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CA
         f"{kind}-heatmap": flip_heatmap(t, baseline_ppl, threshold, context),
         "ablation-bars": ablation_bars(t, baseline_ppl, context),
         **{f"{kind}-{x}-curves": dose_curves(t, baseline_ppl, x, threshold, context) for x in DOSES},
+        "prune-sparsity": prune_curves(t, baseline_ppl, threshold, context),
         f"{kind}-distribution": distribution(t, baseline_ppl, threshold, context),
     }
     return {name: fig for name, fig in made.items() if fig is not None}

@@ -36,6 +36,9 @@ CAPTIONS = {
             "baseline).",
     "curves": "Perplexity against the perturbation's strength per module kind (log-log; x on the top edge: "
               "non-finite).",
+    "sparsity": "Perplexity against sparsity per pruning method (log scale; lines through the median per sparsity, "
+                "diamonds: N:M patterns at their sparsity; in parentheses, whether weights compete per matrix or "
+                "per output row).",
     "distribution": "Distribution of the perplexity change over all trials; non-finite trials in the right-hand bar.",
 }
 
