@@ -27,13 +27,7 @@ TOKENS = torch.arange(2 * 16).remainder(97).view(2, 16)
 CALIB = Calibration("bundled-train", sequences=4, seq_len=32)  # the key the tests' norms are cached under
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine lose much to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def apply(model, **params):
