@@ -137,6 +137,21 @@ def test_an_adaptive_search_runs_on_the_pool(tiny, local_ray, tmp_path, capsys):
     assert "30 trials (30 to run)" in out.err
 
 
+def test_early_stopping_runs_on_the_pool(tiny, local_ray, tmp_path, capsys):
+    text = spec_text(*tiny, tmp_path / "results", num_samples=4).replace("batch_size: 2", "batch_size: 1")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(text + "early_stop: {top_k: 2, rungs: [0.5]}\n")
+    assert main([str(spec), "--executor", "ray"]) == 0
+    out = capsys.readouterr()
+    table = pl.read_parquet(Path(last_line(out.out)) / "trials.parquet")
+    assert table.height == 16 and table["error"].is_null().all()
+    full = table.filter(pl.col("stopped_rung").is_null())
+    stopped = table.filter(pl.col("stopped_rung").is_not_null())
+    assert full.height >= 2 and (full["tokens"] == 2 * 31).all() and (stopped["tokens"] == 31).all()
+    assert all(len(scores) == 1 for scores in table["rung_scores"])  # every trial reached the one rung
+    assert "early stopping:" in out.err and "token evaluations" in out.err
+
+
 # -- replicas that die, trials that fail -----------------------------------------------------------
 
 
