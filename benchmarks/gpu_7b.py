@@ -46,8 +46,8 @@ no download and no CPU copy; SDPA attention unless --attn says otherwise):
      steps of run_trial done one by one with a synchronize after each: parse + apply, the
      evaluation (start_for + evaluate), restore, verify;
   7. peak GPU memory (torch.cuda.max_memory_allocated) over the whole shape and over the
-     trials alone, next to the prefix cache (`cache.bytes`), the reference (log-probs and
-     probs of the unperturbed model) and the weights;
+     trials alone, next to the prefix cache (`cache.bytes`), the reference (logits, probs and
+     log-sum-exps of the unperturbed model) and the weights;
   8. the weights' checksum after all of it, against the one the replica took at load.
 
 Time: each shape's rate pass stops after --max-trial-seconds (90) and its breakdown after half
@@ -350,7 +350,8 @@ def run_shape(shape: str, device: torch.device, args, timer: Timer) -> dict:
     setup_s = time.perf_counter() - t0
     cache = replica.prefix
     reference_bytes = sum(t.numel() * t.element_size()
-                          for part in (replica.reference.logprobs, replica.reference.probs, replica.reference.top1)
+                          for part in (replica.reference.logits, replica.reference.probs, replica.reference.lse,
+                                       replica.reference.top1)
                           for t in part)
     log(f"{shape}: replica ready in {setup_s:.1f} s (reference, prefix recording, baseline, checksum); "
         f"prefix cache {cache.bytes / GIB:.2f} GiB over {len(cache.starts)} resume points; "

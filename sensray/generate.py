@@ -80,7 +80,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     with perturbed(model, kind, params) as report:
         damaged = greedy(model, tokenizer, args.prompt, args.max_new_tokens, args.ignore_eos)
-    print(f"prompt: {args.prompt!r}\nperturbation: {about}\n")
+    print(f"prompt: {args.prompt!r}\nperturbation: {about}\nchanged:\n{textwrap.indent(report['changed'], '  ')}\n")
     print(compare_texts("unperturbed", clean, "perturbed", damaged, _width()))
     print(f"\n{report['restored']}")
     return 0
@@ -177,7 +177,7 @@ def find_trial(table, trial: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The row of `trial` (an id or a unique prefix) and its parameters exactly as the sweep ran them."""
     import polars as pl
 
-    from sensray.results import LAST_COLUMNS
+    from sensray.results import LAST_COLUMNS, PROVENANCE
     from sensray.space import trial_id
 
     if not table.is_file():
@@ -191,8 +191,9 @@ def find_trial(table, trial: str) -> tuple[dict[str, Any], dict[str, Any]]:
         what = "matches several trials" if len(rows) > 1 else "is not a trial of this run"
         raise SpecError("--trial", f"{trial!r} {what}{hint}", str(table))
     row = rows.row(0, named=True)
-    ids = ("trial_id", "kind", "sample")  # every other column before the metrics is a parameter (target too)
-    params = {c: row[c] for c in trials.columns if c not in ids and c not in LAST_COLUMNS}
+    # Every column between the ids and what-changed is a parameter (target too).
+    not_params = {"trial_id", "kind", "sample", *PROVENANCE, *LAST_COLUMNS}
+    params = {c: row[c] for c in trials.columns if c not in not_params}
     if trial_id(row["kind"], params) != row["trial_id"]:  # the id hashes the params: a cheap proof of a faithful read
         print(f"warning: the parameters read back from {table} hash to {trial_id(row['kind'], params)}, not "
               f"{row['trial_id']} (a column changed type?); applying them as read", file=sys.stderr)
@@ -205,13 +206,15 @@ def perturbed(model, kind, params) -> Iterator[dict[str, str]]:
     from sensray.checksum import weights_checksum
     from sensray.perturbations import ParamError
 
+    from sensray.changes import describe
+
     before = weights_checksum(model)
     try:
         kind.check(model, params)
         undo = kind.apply(model, params)
     except ParamError as err:
         raise SpecError(f"--param {err.param}" if err.param else "--param", str(err)) from None
-    report: dict[str, str] = {}
+    report: dict[str, str] = {"changed": "\n".join(describe(undo.provenance(), limit=8))}
     try:
         yield report
     finally:

@@ -23,6 +23,7 @@ from sensray.metrics import Scores, evaluate, reference
 from sensray.models import load_model, load_tokenizer, pick_device, resolve_name
 from sensray.perturbations import PERTURBATIONS
 from sensray.prefix import PrefixCache, default_budget
+from sensray.results import PROVENANCE
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
 
@@ -81,26 +82,27 @@ class Replica:
         """One row of the trial table. A failing trial is recorded with its error, never raised,
         unless the weights could not be restored: then nothing after it could be trusted."""
         start = time.perf_counter()
-        error, scores, check = None, None, None
+        error, scores, check, changes = None, None, None, {}
         kind = PERTURBATIONS.get(trial.kind)
         params = kind.parse(trial.params)
-        undo = None
+        edits = None
         try:
-            undo = kind.apply(self.model, params)
-            first = self.prefix.start_for(undo) if self.prefix is not None else 0
+            edits = kind.apply(self.model, params)  # restores what it wrote itself if it fails half-way
+            changes = edits.provenance()
+            first = self.prefix.start_for(edits) if self.prefix is not None else 0
             check = self._rung_check(trial)
             scores = evaluate(self.model, self.batches, self.reference, self.prefix, first, check)
         except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: a result, not a crash
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()
         finally:
-            if undo is not None:
-                undo.restore()
-                if not undo.verify():
+            if edits is not None:
+                edits.restore()
+                if not edits.verify():
                     raise RestoreError(f"trial {trial.trial_id}: weights differ from their originals after restore")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        row = self._row(trial, scores, error, time.perf_counter() - start)
+        row = self._row(trial, changes, scores, error, time.perf_counter() - start)
         if check is not None:
             row.update(check.row_fields(), tokens=scores.tokens if scores is not None else None)
         return row
@@ -115,13 +117,15 @@ class Replica:
         budget = int(max_gb * 2**30) if max_gb is not None else default_budget(self.device)
         return PrefixCache.record(self.model, self.batches, budget)
 
-    def _row(self, trial: Trial, scores: Scores | None, error: str | None, seconds: float) -> dict:
+    def _row(self, trial: Trial, changes: dict, scores: Scores | None, error: str | None, seconds: float) -> dict:
         metrics = dict.fromkeys(METRICS)
         if scores is not None:
             metrics.update({k: v for k, v in asdict(scores).items() if k in metrics})
             baseline_ppl = self.partial_ppl[scores.tokens]  # all tokens, unless early stopping cut the trial short
             metrics["delta_ppl"] = scores.ppl / baseline_ppl if math.isfinite(scores.ppl) else math.inf
-        return {**trial.config(), **metrics, "seconds": seconds, "replica": self.replica_id, "error": error}
+        provenance = dict.fromkeys(PROVENANCE) | changes
+        return {**trial.config(), **provenance, **metrics, "seconds": seconds, "replica": self.replica_id,
+                "error": error}
 
     def checksum(self) -> str:
         return weights_checksum(self.model)

@@ -26,6 +26,10 @@ from sensray.errors import SensrayError
 from sensray.spec import ExperimentSpec, validate
 
 FIRST_COLUMNS = ("trial_id", "kind", "sample", "target")
+# What the trial changed, from its undo record (sensray/perturbations/edits.py), between the parameters and
+# the metrics. Flat columns hold the common single-tensor / single-element case, to group on directly;
+# `changes` lists every changed element, `tensors` every touched tensor (or hooked module).
+PROVENANCE = ("tensor", "index", "flipped_bit", "old", "new", "elements_changed", "changes", "bit_counts", "tensors")
 LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seconds", "replica", "error")
 
 
@@ -114,20 +118,36 @@ class Journal:
 
 
 def to_frame(rows: list[dict[str, Any]]):
-    """Rows -> one flat polars DataFrame: ids first, parameters, then metrics and timing."""
+    """Rows -> one flat polars DataFrame: ids first, parameters, what changed, then metrics and timing."""
     import polars as pl
 
     names: dict[str, None] = dict.fromkeys(FIRST_COLUMNS)
     for row in rows:
         names.update(dict.fromkeys(row))
-    middle = [n for n in names if n not in FIRST_COLUMNS and n not in LAST_COLUMNS]
-    order = [*FIRST_COLUMNS, *middle, *LAST_COLUMNS]
-    overrides = {
-        **dict.fromkeys(("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "seconds"), pl.Float64),
-        "nonfinite": pl.Boolean, "error": pl.String, "replica": pl.String, "sample": pl.Int64,
-    }
+    fixed = set(FIRST_COLUMNS) | set(PROVENANCE) | set(LAST_COLUMNS)
+    middle = [n for n in names if n not in fixed]
+    provenance = [n for n in PROVENANCE if n in names]  # absent in tables written before provenance existed
+    order = [*FIRST_COLUMNS, *middle, *provenance, *LAST_COLUMNS]
+    schema = {name: dtype for name, dtype in column_types().items() if name in order}
     columns = {n: [row.get(n) for row in rows] for n in order}
-    return pl.DataFrame(columns, schema_overrides=overrides, strict=False)
+    return pl.DataFrame(columns, schema_overrides=schema, strict=False)
+
+
+def column_types() -> dict[str, Any]:
+    """The polars types of the columns sensray itself writes (parameters are inferred)."""
+    import polars as pl
+
+    change = pl.Struct({"tensor": pl.String, "index": pl.Int64, "coords": pl.List(pl.Int64), "bit": pl.Int64,
+                        "old": pl.Float64, "new": pl.Float64, "old_bits": pl.Int64, "new_bits": pl.Int64})
+    touched = pl.Struct({"tensor": pl.String, "how": pl.String, "numel": pl.Int64, "changed": pl.Int64,
+                         "fraction_changed": pl.Float64, "rel_norm": pl.Float64, "sparsity": pl.Float64})
+    return {
+        "sample": pl.Int64, "tensor": pl.String, "index": pl.Int64, "flipped_bit": pl.Int64, "old": pl.Float64,
+        "new": pl.Float64, "elements_changed": pl.Int64, "changes": pl.List(change),
+        "bit_counts": pl.List(pl.Struct({"bit": pl.Int64, "count": pl.Int64})), "tensors": pl.List(touched),
+        **dict.fromkeys(("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "seconds"), pl.Float64),
+        "nonfinite": pl.Boolean, "error": pl.String, "replica": pl.String,
+    }
 
 
 def versions() -> dict[str, str]:

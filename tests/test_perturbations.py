@@ -78,8 +78,7 @@ def test_same_seed_same_elements_other_seed_other_elements():
     flat = lambda plan: {(i, int(e), int(b)) for i, (es, bs) in plan.items() for e, b in zip(es, bs)}
     assert flat(first) == flat(again) != flat(other)
     assert len(flat(first)) == 10 and all(b in LAYOUTS[torch.float32]["exponent"] for _, _, b in flat(first))
-    # Pinned draws: the same seed must pick the same elements on every machine and version.
-    assert sorted(flat(first))[:3] == sorted(flat(again))[:3]
+    # The exact draws on every machine and version are pinned in tests/test_draws.py.
 
 
 def test_rate_flips_about_rate_times_bits():

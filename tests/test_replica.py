@@ -66,9 +66,9 @@ def test_failing_trial_is_recorded_and_weights_restored(replica, monkeypatch):
 
 
 def test_a_restore_that_does_not_verify_stops_the_sweep(replica, monkeypatch):
-    from sensray.perturbations.base import SavedTensors
+    from sensray.perturbations.edits import TensorEdit
 
-    monkeypatch.setattr(SavedTensors, "restore", lambda self: None)
+    monkeypatch.setattr(TensorEdit, "restore", lambda self: None)
     with pytest.raises(RestoreError):
         replica.run_trial(trials(replica, {"target": "blocks.1.attn.o", "mode": "zero"}, "ablation")[0])
     monkeypatch.undo()

@@ -45,6 +45,13 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def _kl(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+TRIAL_FORMATS = {"delta_ppl": ratio, "kl": _kl, "top1_agreement": percent}
+
+
 @dataclass
 class Table:
     headers: list[str]
@@ -53,7 +60,10 @@ class Table:
 
     @classmethod
     def of(cls, summary: pl.DataFrame, limit: int | None = None) -> "Table":
-        """A tables.py summary as display strings: keys, n, median, spread, worst, catastrophic, CI."""
+        """A tables.py summary as display strings: keys, n, median, spread, worst, catastrophic, CI.
+        A table of single trials (no statistics, e.g. tables.worst_trials) shows each trial's metrics."""
+        if "median" not in summary.columns:
+            return cls.plain(summary if limit is None else summary.head(limit), TRIAL_FORMATS)
         keys = [c for c in summary.columns if c not in STATS]
         if "kind" in keys and summary["kind"].n_unique() == 1 and len(keys) > 1:
             keys.remove("kind")  # one kind per run: the column would repeat it on every line

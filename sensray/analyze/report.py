@@ -61,6 +61,7 @@ def analyse(run: Run, threshold: float = tables.CATASTROPHIC) -> Analysis:
         "Per module kind": tables.by_module(t, threshold),
         "Per flipped bit": tables.by_flip(t, threshold),
         "Per module kind and sigma": tables.by_sigma(t, threshold),
+        "Worst trials, exactly what they changed": tables.worst_trials(t, TOP),
     }
     return Analysis(run, threshold, {k: v for k, v in named.items() if not v.is_empty()}, findings(t, threshold))
 

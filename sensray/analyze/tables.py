@@ -23,7 +23,8 @@ from typing import Sequence
 
 import polars as pl
 
-from sensray.results import FIRST_COLUMNS, LAST_COLUMNS
+from sensray.changes import describe
+from sensray.results import FIRST_COLUMNS, LAST_COLUMNS, PROVENANCE
 
 CATASTROPHIC = 2.0  # default threshold: a trial that at least doubles perplexity is catastrophic
 Z95 = 1.959963984540054
@@ -83,8 +84,8 @@ def annotate(trials: pl.DataFrame) -> pl.DataFrame:
 
 
 def parameters(trials: pl.DataFrame) -> list[str]:
-    """The perturbation's parameter columns (everything between the ids and the metrics)."""
-    fixed = set(FIRST_COLUMNS) | set(LAST_COLUMNS) | set(DERIVED)
+    """The perturbation's parameter columns (everything between the ids and what the trial changed)."""
+    fixed = set(FIRST_COLUMNS) | set(PROVENANCE) | set(LAST_COLUMNS) | set(DERIVED)
     return [c for c in trials.columns if c not in fixed]
 
 
@@ -214,4 +215,23 @@ def threshold_sigma(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl
     broken = pl.col("sigma").filter(pl.col("median") > threshold).min()
     return curves.group_by("module", maintain_order=True).agg(
         broken.alias("breaks_at"), pl.col("sigma").max().alias("max_sigma")
+    )
+
+
+def worst_trials(trials: pl.DataFrame, n: int = 10) -> pl.DataFrame:
+    """The `n` most damaging trials (largest delta_ppl, non-finite first) and exactly what each changed:
+    tensor, element, bit and old -> new value for element-wise kinds; share and size of the change per
+    tensor for the others (sensray.changes)."""
+    trials = annotate(trials)
+    ranked = (trials.filter(pl.col("delta_ppl").is_not_null())
+              .sort(["delta_ppl", "trial_id"], descending=[True, False]).head(n))
+    recorded = "tensors" in ranked.columns  # tables written before provenance existed have none
+    described = [
+        "; ".join(describe(row, limit=2)) if recorded and row.get("tensors") is not None else "(not recorded)"
+        for row in ranked.select([c for c in ("changes", "tensors") if c in ranked.columns] or ["trial_id"]).to_dicts()
+    ]
+    keep = ["trial_id", "target", *conditions(trials)]
+    return ranked.select(keep).with_columns(
+        pl.Series("changed", described, dtype=pl.String),
+        ranked["delta_ppl"], ranked["kl"], ranked["top1_agreement"],
     )

@@ -1,6 +1,7 @@
 """Perturbation kinds, in one registry. Importing this package registers every built-in kind."""
 
-from sensray.perturbations.base import PERTURBATIONS, ParamError, Perturbation, Undo
+from sensray.perturbations.base import PERTURBATIONS, ParamError, Perturbation
+from sensray.perturbations.edits import Edits
 from sensray.perturbations import ablation, bitflip, noise, prune, zeroing  # noqa: F401  (registration)
 
-__all__ = ["PERTURBATIONS", "ParamError", "Perturbation", "Undo"]
+__all__ = ["PERTURBATIONS", "Edits", "ParamError", "Perturbation"]

@@ -16,15 +16,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from sensray.perturbations.base import (
-    ParamError,
-    Params,
-    Perturbation,
-    RemovableHooks,
-    SavedTensors,
-    register,
-    tensors_of,
-)
+from sensray.perturbations.base import Edits, ParamError, Params, Perturbation, register, tensors_of
 
 
 class AblationParams(Params):
@@ -45,19 +37,16 @@ class Ablation(Perturbation):
         return selection
 
     @classmethod
-    def apply(cls, model: nn.Module, params: AblationParams):
+    def perturb(cls, model: nn.Module, params: AblationParams, edits: Edits) -> None:
         selection = cls.check(model, params)
         if params.mode == "skip":
-            blocks = [model.get_submodule(c.module) for c in selection.components]
-            return RemovableHooks([b.register_forward_hook(_identity, with_kwargs=True) for b in blocks], blocks)
-        tensors = tensors_of(model, selection)
-        undo = SavedTensors(tensors)
-        for tensor in tensors:
-            if params.mode == "zero":
-                tensor.zero_()
-            else:
-                tensor.fill_(tensor.float().mean().item())
-        return undo
+            for component in selection.components:
+                block = model.get_submodule(component.module)
+                edits.hook(block, component.name, block.register_forward_hook(_identity, with_kwargs=True))
+            return
+        for name, tensor in tensors_of(model, selection):
+            value = 0.0 if params.mode == "zero" else tensor.float().mean().item()
+            edits.tensor(tensor, name).fill_(value)
 
 
 def _identity(module, args, kwargs, output):

@@ -1,41 +1,51 @@
-"""What every perturbation kind shares: parameters, the undo record, the registry.
+"""What every perturbation kind shares: parameters, seeded draws, applying with an undo record, the registry.
 
-A kind's `apply(model, params)` changes weights in place and returns an `Undo` holding only
-what it overwrote (k scalars for k flips; the one tensor it zeroed or noised). `restore()`
-writes those originals back into the same storage and `verify()` checks, bit for bit, that
-they are back, so a replica can run thousands of trials on one loaded model.
+A kind implements `perturb(model, params, edits)`: it changes weights in place, handing each
+tensor or element to `edits` (sensray/perturbations/edits.py) before writing it. `apply` wraps
+that: it creates the `Edits` record before the first write and, if the kind raises half-way,
+restores what was written before re-raising. `restore()` writes the originals back into the same
+storage and `verify()` checks, bit for bit, that they are back.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+import hashlib
+import json
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from sensray.errors import RestoreError
+from sensray.perturbations.edits import BITS_DTYPE, Edits, as_bits, bits_equal  # noqa: F401  (re-exported)
 from sensray.registry import Registry
 from sensray.targets import Selection, TargetError, select
 
-# Integer dtypes of the same width, to read and compare floats as raw bits.
-BITS_DTYPE = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.int8: torch.int8,
-    torch.uint8: torch.uint8,
-}
+MAX_SEED = 2**63 - 1  # seeds are Int64 columns in the trial table
 
 
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    """The same storage read as integers: NaN payloads and -0.0 compare exactly."""
-    return t.view(BITS_DTYPE[t.dtype]) if t.dtype in BITS_DTYPE else t
+def seed_field(what: str = "seeds this trial's random draws") -> Any:
+    return Field(0, ge=0, le=MAX_SEED, description=what)
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(as_bits(a), as_bits(b))
+def keyed_rng(seed: int, *key: object) -> np.random.Generator:
+    """The random stream of one trial's draws: PCG64 keyed by its seed *and* what it draws for.
 
+    Seeding by `seed` alone made every equally sized target draw the same relative elements (the
+    default bit-flip study hit 8 positions in 256 trials) and every equally shaped tensor the same
+    noise. The key (kind, target, field, ...) is hashed into the seed sequence, so draws stay
+    reproducible (same spec, same draws, on any machine) and are independent across targets.
+    """
+    digest = hashlib.sha256(json.dumps([str(k) for k in key]).encode()).digest()
+    words = np.frombuffer(digest[:16], dtype="<u4").tolist()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *words])))
+
+
+def keyed_torch_generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU torch.Generator seeded from `keyed_rng(seed, *key)` (identical on every machine)."""
+    return torch.Generator().manual_seed(int(keyed_rng(seed, *key).integers(2**63)))
 
 class ParamError(ValueError):
     """A trial parameter is invalid; `param` names it so the spec error points at `space.<param>`."""
@@ -52,89 +62,8 @@ class Params(BaseModel):
     target: str
 
 
-class Undo(Protocol):
-    def restore(self) -> None: ...
-
-    def verify(self) -> bool: ...
-
-    def touches(self) -> list[torch.Tensor | nn.Module]:
-        """What the perturbation changed: tensors (or views of them) and hooked modules. Prefix
-        reuse starts a trial's forward at the first decoder block holding any of them."""
-        ...
-
-
-class SavedTensors:
-    """Originals of whole tensors (or views) that a kind overwrites wholesale."""
-
-    def __init__(self, live: list[torch.Tensor]):
-        self.live = live
-        self.saved = [t.clone() for t in live]
-
-    def restore(self) -> None:
-        for live, saved in zip(self.live, self.saved):
-            live.copy_(saved)
-
-    def verify(self) -> bool:
-        return all(bits_equal(live, saved) for live, saved in zip(self.live, self.saved))
-
-    def touches(self) -> list[torch.Tensor]:
-        return list(self.live)
-
-
-class SavedElements:
-    """Originals of a few scattered elements, kept as raw bits."""
-
-    def __init__(self, bits: torch.Tensor, index: tuple[torch.Tensor, ...]):
-        self.bits, self.index = bits, index
-        self.saved = bits[index].clone()
-
-    def restore(self) -> None:
-        self.bits.index_put_(self.index, self.saved)
-
-    def verify(self) -> bool:
-        return torch.equal(self.bits[self.index], self.saved)
-
-    def touches(self) -> list[torch.Tensor]:
-        return [self.bits]
-
-
-class RemovableHooks:
-    """Forward hooks change what runs, not the weights: undoing is removing them."""
-
-    def __init__(self, handles: list, modules: list[nn.Module]):
-        self.handles, self.modules = handles, modules
-
-    def restore(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def verify(self) -> bool:
-        return not self.handles
-
-    def touches(self) -> list[nn.Module]:
-        return list(self.modules)
-
-
-class UndoAll:
-    """Several undo records, restored in reverse order of application."""
-
-    def __init__(self, parts: list[Undo]):
-        self.parts = parts
-
-    def restore(self) -> None:
-        for part in reversed(self.parts):
-            part.restore()
-
-    def verify(self) -> bool:
-        return all(part.verify() for part in self.parts)
-
-    def touches(self) -> list[torch.Tensor | nn.Module]:
-        return [thing for part in self.parts for thing in part.touches()]
-
-
 class Perturbation:
-    """One kind of perturbation. Subclasses set `name`, `Params`, and implement `apply`."""
+    """One kind of perturbation. Subclasses set `name`, `summary`, `Params`, and implement `perturb`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -167,7 +96,23 @@ class Perturbation:
         return cls.select(model, params)
 
     @classmethod
-    def apply(cls, model: nn.Module, params: Params) -> Undo:
+    def apply(cls, model: nn.Module, params: Params) -> Edits:
+        """Perturb in place; the returned record restores it. A kind that fails half-way leaves the
+        model as it found it: what it had written is restored before the error propagates."""
+        edits = Edits()
+        try:
+            cls.perturb(model, params, edits)
+        except BaseException as err:
+            edits.restore()
+            if not edits.verify():
+                raise RestoreError(f"{cls.name}: failed half-way ({err}) and what it had written could not "
+                                   "be restored") from err
+            raise
+        return edits
+
+    @classmethod
+    def perturb(cls, model: nn.Module, params: Params, edits: Edits) -> None:
+        """Change weights in place, handing each tensor or element to `edits` before writing it."""
         raise NotImplementedError
 
 
@@ -178,6 +123,6 @@ def register(cls: type[Perturbation]) -> type[Perturbation]:
     return PERTURBATIONS.register(cls.name)(cls)
 
 
-def tensors_of(model: nn.Module, selection: Selection) -> list[torch.Tensor]:
-    """The live tensors (parameters or fused views) a selection names."""
-    return [ref.resolve(model) for ref in selection.tensors]
+def tensors_of(model: nn.Module, selection: Selection) -> list[tuple[str, torch.Tensor]]:
+    """(canonical name, live tensor) of each tensor (parameter or fused view) a selection names."""
+    return [(ref.name, ref.resolve(model)) for ref in selection.tensors]

@@ -8,8 +8,9 @@
 
 Flips XOR the integer view of the weights (no arithmetic, so a flip into NaN or inf is
 exactly what the hardware fault would give). Which elements and bits flip is drawn by a
-NumPy PCG64 generator from the trial's seed: the same seed picks the same elements on any
-machine and device. Only the touched elements' original bits are saved.
+NumPy PCG64 stream keyed by the trial's seed, target and field (or bit): the same trial picks
+the same elements on any machine and device, and different targets or fields draw independently.
+Only the touched elements' original bits are saved.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from torch import nn
 
 from sensray.perturbations.base import (
     BITS_DTYPE,
+    Edits,
     ParamError,
     Params,
     Perturbation,
-    SavedElements,
-    UndoAll,
+    keyed_rng,
     register,
+    seed_field,
     tensors_of,
 )
 
@@ -51,7 +53,7 @@ class BitflipParams(Params):
     count: Optional[int] = Field(None, ge=1, description="flips per trial (default 1)")
     rate: Optional[float] = Field(None, gt=0, le=1, description="bit-error rate over the field's bits")
     coords: Optional[list[list[int]]] = Field(None, description="explicit element coordinates (one tensor)")
-    seed: int = Field(0, ge=0)
+    seed: int = seed_field("with target and field, draws which elements and bits flip")
 
     @model_validator(mode="after")
     def _consistent(self) -> "BitflipParams":
@@ -99,12 +101,15 @@ class Bitflip(Perturbation):
                 raise ParamError("coords", f"{coord} is outside {refs[0].name} of shape {list(shape)}")
 
     @classmethod
-    def apply(cls, model: nn.Module, params: BitflipParams) -> UndoAll:
-        tensors = tensors_of(model, cls.select(model, params))
+    def perturb(cls, model: nn.Module, params: BitflipParams, edits: Edits) -> None:
+        named = tensors_of(model, cls.select(model, params))
         if params.coords is not None:
-            elements = np.ravel_multi_index(np.array(params.coords).T, tensors[0].shape)
-            return UndoAll([_flip(tensors[0], elements, np.full(len(elements), params.bit))])
-        return UndoAll([_flip(tensors[i], elements, bits) for i, (elements, bits) in choose(tensors, params).items()])
+            name, tensor = named[0]
+            elements = np.ravel_multi_index(np.array(params.coords).T, tensor.shape)
+            _flip(edits, name, tensor, elements, np.full(len(elements), params.bit))
+            return
+        for i, (elements, bits) in choose([t for _, t in named], params).items():
+            _flip(edits, *named[i], elements, bits)
 
 
 def choose(tensors: list[torch.Tensor], params: BitflipParams) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -116,7 +121,7 @@ def choose(tensors: list[torch.Tensor], params: BitflipParams) -> dict[int, tupl
     positions = np.array(bit_positions(tensors[0].dtype, params))
     sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
     slots = int(sizes.sum()) * len(positions)
-    rng = np.random.Generator(np.random.PCG64(params.seed))
+    rng = keyed_rng(params.seed, "bitflip", params.target, params.field if params.bit is None else params.bit)
     k = int(rng.binomial(slots, params.rate)) if params.rate is not None else min(params.count or 1, slots)
     picked = np.sort(rng.choice(slots, size=k, replace=False)) if k else np.empty(0, dtype=np.int64)
     element, bit = np.divmod(picked, len(positions))
@@ -128,15 +133,12 @@ def choose(tensors: list[torch.Tensor], params: BitflipParams) -> dict[int, tupl
     }
 
 
-def _flip(tensor: torch.Tensor, elements: np.ndarray, bits: np.ndarray) -> SavedElements:
+def _flip(edits: Edits, name: str, tensor: torch.Tensor, elements: np.ndarray, bits: np.ndarray) -> None:
     """XOR the chosen bits of the chosen flat elements of `tensor` (any strides) in place."""
     width = torch.iinfo(BITS_DTYPE[tensor.dtype]).bits
     unique, inverse = np.unique(elements, return_inverse=True)
     masks = np.zeros(len(unique), dtype=np.int64)
     np.bitwise_or.at(masks, inverse, np.left_shift(np.int64(1), bits.astype(np.int64)))
-    masks = np.where(masks >= 1 << (width - 1), masks - (1 << width), masks)
-    raw = tensor.view(BITS_DTYPE[tensor.dtype])
-    index = tuple(torch.as_tensor(i, device=tensor.device) for i in np.unravel_index(unique, tensor.shape))
-    undo = SavedElements(raw, index)
-    raw.index_put_(index, undo.saved ^ torch.as_tensor(masks, dtype=raw.dtype, device=raw.device))
-    return undo
+    masks = np.where(masks >= 1 << (width - 1), masks - (1 << width), masks)  # as signed ints of that width
+    raw, index = edits.elements(tensor, name, unique)
+    raw.index_put_(index, raw[index] ^ torch.as_tensor(masks, dtype=raw.dtype, device=raw.device))

@@ -6,8 +6,11 @@
       sigma: {grid_search: [0.01, 0.1, 1.0]}   # x std(tensor) when relative (the default)
       seed: {grid_search: [0, 1]}
 
-Noise is drawn on the CPU from torch's seeded generator (identical on every machine), in
-float32, then added in float32 and rounded once to the weight's dtype.
+Noise is drawn on the CPU (identical on every machine) in float32, then added in float32 and
+rounded once to the weight's dtype. Each tensor's noise comes from its own stream, keyed by the
+seed, the tensor's canonical name and the distribution: equally shaped tensors get independent
+noise, and a tensor gets the same noise whichever target selected it (blocks.3 or blocks.3.mlp.*),
+so nested targets compare like with like. sigma is not in the key: a sigma sweep scales one draw.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from sensray.perturbations.base import Params, Perturbation, SavedTensors, register, tensors_of
+from sensray.perturbations.base import (
+    Edits,
+    Params,
+    Perturbation,
+    keyed_torch_generator,
+    register,
+    seed_field,
+    tensors_of,
+)
 
 
 class NoiseParams(Params):
     dist: Literal["gaussian", "uniform"] = "gaussian"
     sigma: float = Field(ge=0, description="std (gaussian) or half-width (uniform)")
     relative: bool = Field(True, description="scale sigma by each tensor's own std")
-    seed: int = Field(0, ge=0)
+    seed: int = seed_field("with each tensor's name, draws its noise")
 
 
 @register
@@ -35,15 +46,12 @@ class Noise(Perturbation):
     Params = NoiseParams
 
     @classmethod
-    def apply(cls, model: nn.Module, params: NoiseParams) -> SavedTensors:
-        tensors = tensors_of(model, cls.select(model, params))
-        undo = SavedTensors(tensors)
-        generator = torch.Generator().manual_seed(params.seed)
-        for tensor in tensors:
+    def perturb(cls, model: nn.Module, params: NoiseParams, edits: Edits) -> None:
+        for name, tensor in tensors_of(model, cls.select(model, params)):
+            generator = keyed_torch_generator(params.seed, "noise", name, params.dist)
             draw = _draw(tensor.shape, params.dist, generator)
             scale = params.sigma * (tensor.float().std().item() if params.relative else 1.0)
-            tensor.copy_((tensor.float() + draw.to(tensor.device) * scale).to(tensor.dtype))
-        return undo
+            edits.tensor(tensor, name).copy_((tensor.float() + draw.to(tensor.device) * scale).to(tensor.dtype))
 
 
 def _draw(shape: torch.Size, dist: str, generator: torch.Generator) -> torch.Tensor:

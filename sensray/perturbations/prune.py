@@ -22,7 +22,7 @@ alone. Each selected matrix W (out x in; a fused q/k/v view counts its rows) is 
 - `pattern: "N:M"` keeps the N highest-scoring weights of every M consecutive input weights of a
   row (2:4 zeroes 2 of every 4), the semi-structured sparsity of sparse tensor cores.
 
-The undo record keeps one copy of each matrix it changed (SavedTensors) and restores it bit-exactly.
+The undo record keeps one copy of each matrix it changed and restores it bit-exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from sensray.architectures import TensorRef
-from sensray.perturbations.base import ParamError, Params, Perturbation, SavedTensors, UndoAll, register
+from sensray.perturbations.base import Edits, ParamError, Params, Perturbation, register
 from sensray.pruning import allocation
 from sensray.pruning.calibration import Calibration, input_norms
 
@@ -118,21 +118,14 @@ class Prune(Perturbation):
         return selection
 
     @classmethod
-    def apply(cls, model: nn.Module, params: PruneParams) -> UndoAll:
+    def perturb(cls, model: nn.Module, params: PruneParams, edits: Edits) -> None:
         refs = matrices(model, cls.check(model, params).tensors, params.target)
         norms = input_norms(model, params.calibration_settings) if params.ranking == "wanda" else None
-        parts = []
-        try:
-            for ref, sparsity in zip(refs, sparsities(model, refs, params)):
-                live = ref.resolve(model)
-                mask = prune_mask(score(live, _norms_of(norms, ref)), sparsity, params.nm, params.where)
-                if bool(mask.any()):
-                    parts.append(SavedTensors([live]))
-                    live.masked_fill_(mask.view(live.shape), 0)
-        except BaseException:  # e.g. out of memory halfway: put back what was pruned before re-raising
-            UndoAll(parts).restore()
-            raise
-        return UndoAll(parts)
+        for ref, sparsity in zip(refs, sparsities(model, refs, params)):
+            live = ref.resolve(model)
+            mask = prune_mask(score(live, _norms_of(norms, ref)), sparsity, params.nm, params.where)
+            if bool(mask.any()):
+                edits.tensor(live, ref.name).masked_fill_(mask.view(live.shape), 0)
 
 
 def matrices(model: nn.Module, refs: tuple[TensorRef, ...], target: str) -> list[TensorRef]:

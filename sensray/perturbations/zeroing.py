@@ -8,14 +8,15 @@
 
 `pick: coords` zeroes `coords`; `top` zeroes the `count` elements of largest magnitude (ties
 broken by the lower flat index, so every device picks the same ones); `random` zeroes `count`
-distinct elements drawn uniformly by NumPy's PCG64 from `seed`, identical on every machine.
+distinct elements drawn uniformly by NumPy's PCG64, keyed by `seed` and the target, identical
+on every machine.
 `count` defaults to the number of `coords` (so a control zeroes as many weights as the pick it
 is compared with), else 1. This is the super-weight test of Yu et al. 2024: one weight whose
 removal destroys the model, against as many random or largest weights, whose removal does not.
 
 `coords` and `top` do not use the seed, so a grid over `pick` and `seed` evaluates them once per
 seed, identically: a sweep's space is one cartesian product and cannot leave an axis out for
-some values of another. Only the zeroed elements' original bits are saved (`SavedElements`).
+some values of another. Only the zeroed elements' original bits are saved.
 """
 
 from __future__ import annotations
@@ -27,14 +28,23 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from sensray.perturbations.base import ParamError, Params, Perturbation, SavedElements, as_bits, register, tensors_of
+from sensray.perturbations.base import (
+    Edits,
+    ParamError,
+    Params,
+    Perturbation,
+    keyed_rng,
+    register,
+    seed_field,
+    tensors_of,
+)
 
 
 class ZeroParams(Params):
     pick: Literal["coords", "top", "random"] = Field("coords", description="which elements to zero")
     coords: Optional[list[list[int]]] = Field(None, description="[row, column] of each element (pick: coords)")
     count: Optional[int] = Field(None, ge=1, description="how many elements top/random zero (default: len(coords), else 1)")
-    seed: int = Field(0, ge=0, description="draws the elements of pick: random")
+    seed: int = seed_field("with the target, draws the elements of pick: random")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ZeroParams":
@@ -74,14 +84,11 @@ class Zero(Perturbation):
         return selection
 
     @classmethod
-    def apply(cls, model: nn.Module, params: ZeroParams) -> SavedElements:
-        (tensor,) = tensors_of(model, cls.check(model, params))
+    def perturb(cls, model: nn.Module, params: ZeroParams, edits: Edits) -> None:
+        ((name, tensor),) = tensors_of(model, cls.check(model, params))
         flat = elements(tensor, params)
-        bits = as_bits(tensor)
-        index = tuple(torch.as_tensor(i, device=tensor.device) for i in np.unravel_index(flat, tensor.shape))
-        undo = SavedElements(bits, index)
+        bits, index = edits.elements(tensor, name, flat)
         bits.index_put_(index, torch.zeros(len(flat), dtype=bits.dtype, device=bits.device))  # all bits 0: +0.0
-        return undo
 
 
 def _check_coords(coords: list[list[int]], shape: tuple[int, int], name: str) -> None:
@@ -99,7 +106,7 @@ def elements(tensor: torch.Tensor, params: ZeroParams) -> np.ndarray:
     if params.pick == "coords":
         return np.sort(np.ravel_multi_index(np.array(params.coords).T, tensor.shape))
     if params.pick == "random":
-        rng = np.random.Generator(np.random.PCG64(params.seed))
+        rng = keyed_rng(params.seed, "zero", params.target)
         return np.sort(rng.choice(tensor.numel(), size=params.size, replace=False))
     return largest(tensor, params.size)
 
