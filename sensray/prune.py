@@ -1,16 +1,16 @@
 """Prune a model once and write it out as a standard Hugging Face directory, to study it further.
 
-    python -m sensray.prune --model pythia-70m --method wanda --sparsity 0.5 --out data/pythia-70m-wanda50
-    python -m sensray.prune --model sensray-tiny --method magnitude --pattern 2:4 --out data/tiny-2of4
+    python -m sensray.prune --model pythia-70m --method wanda --sparsity 0.5 --output-dir data/pythia-70m-wanda50
+    python -m sensray.prune --model sensray-tiny --method magnitude --pattern 2:4 --output-dir data/tiny-2of4
     python -m sensray.prune --model sensray-tiny --method sensitivity --score wanda --sparsity 0.6 \\
-        --run results/prune-layers --out data/tiny-sens60
+        --run results/prune-layers --output-dir data/tiny-sens60
     python -m sensray.sweep experiments/noise.yaml --set model.name=data/pythia-70m-wanda50
 
 The pruning is the `prune` perturbation kind, with the same parameters and checks as in a sweep
-(see docs/pruning.md). --out receives config, safetensors weights, tokenizer, and
+(see docs/pruning.md). --output-dir (or --out) receives config, safetensors weights, tokenizer, and
 sensray-prune.json: method, pattern, requested and achieved sparsity (per tensor and overall),
 source model and revision, calibration settings, weight checksums. Everything is written into a
-temporary directory beside --out and renamed into place at the end, so a failure leaves nothing.
+temporary directory beside it and renamed into place at the end, so a failure leaves nothing.
 Invalid arguments exit with status 2 and one line naming the argument.
 """
 
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="load, prune and save in this dtype (default float32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--out", required=True, help="directory to create (must not exist yet)")
+    parser.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR",
+                        help="directory to create (must not exist yet); --out is the older spelling")
     parser.add_argument("--target", default="blocks.*", help="what to prune (default: every linear weight of every "
                                                              "decoder block); biases and norms are never pruned")
     parser.add_argument("--method", choices=("magnitude", "wanda", "sensitivity"), default="magnitude")
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Prune `args.model` as asked and write it to `args.out`; returns --out."""
+    """Prune `args.model` as asked and write it to `args.out`; returns that directory."""
     from sensray.checksum import weights_checksum
     from sensray.models import load_model, load_tokenizer, meta_model
     from sensray.perturbations import PERTURBATIONS
 
     kind, out = PERTURBATIONS.get("prune"), Path(args.out)
     if out.exists():
-        raise SpecError("--out", f"{out} already exists; choose a new directory (nothing is overwritten)")
+        raise SpecError("--output-dir", f"{out} already exists; choose a new directory (nothing is overwritten)")
     params = _params(kind, args)
     spec = _model_spec(args)
     try:
@@ -174,13 +175,13 @@ def _write_atomically(out: Path, model, tokenizer, meta: dict[str, Any]) -> None
         tokenizer.save_pretrained(tmp)
         pickles = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickles or not any(tmp.glob("*.safetensors")):
-            raise SensrayError(f"--out: expected safetensors weights only, the save wrote {pickles or 'none'}")
+            raise SensrayError(f"--output-dir: expected safetensors weights only, the save wrote {pickles or 'none'}")
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.rename(tmp, out)  # fails rather than merge if --out appeared meanwhile
+        os.rename(tmp, out)  # fails rather than merge if the directory appeared meanwhile
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
-            raise SpecError("--out", f"cannot write {out}: {err}; nothing was written") from None
+            raise SpecError("--output-dir", f"cannot write {out}: {err}; nothing was written") from None
         raise
 
 

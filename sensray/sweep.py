@@ -4,6 +4,7 @@
     python -m sensray.sweep experiments/bitflip.yaml --address auto      # Ray: a running cluster
     python -m sensray.sweep experiments/bitflip.yaml --executor local    # in this process, no Ray
     python -m sensray.sweep experiments/bitflip.yaml --dry-run            # validate, count trials
+    python -m sensray.sweep experiments/noise.yaml --model pythia-70m --output-dir runs
     python -m sensray.sweep experiments/noise.yaml --set data.seq_len=64  # override any key
     python -m sensray.sweep experiments/bitflip.yaml --resume results/bitflip/<run id>
     python -m sensray.sweep --list-models | --list-perturbations
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Ray only: how many replicas (default: the spec's resources.replicas)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key, value parsed as YAML (repeatable), e.g. --set num_samples=2")
+    parser.add_argument("--model", action=_SetKey, key="model.name", dest="overrides", metavar="NAME",
+                        help="the model: an alias (--list-models), HF id or local directory; --set model.name=NAME")
+    parser.add_argument("--output-dir", action=_SetKey, key="output_dir", dest="overrides", metavar="DIR",
+                        help="write the run to DIR/<name>/<run id> (default: the spec's output_dir, else results); "
+                             "--set output_dir=DIR")
     parser.add_argument("--dry-run", action="store_true", help="validate, resolve targets, print the trial count")
     parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: only trials not yet recorded")
     parser.add_argument("--list-models", action="store_true", help="print the model aliases and exit")
@@ -184,6 +191,18 @@ def _replicas(value: str) -> int | str:
     if value == "auto" or (value.isdigit() and int(value) >= 1):
         return value if value == "auto" else int(value)
     raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'auto', got {value!r}")
+
+
+class _SetKey(argparse.Action):
+    """An option that is a --set of one key: `--model X` adds `model.name="X"` to the overrides, in command-line
+    order with the --set ones. JSON-quoted, so a value like `2024` or `yes` stays a string."""
+
+    def __init__(self, *args, key: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), f"{self.key}={json.dumps(value)}"])
 
 
 def _executor_options(args: argparse.Namespace) -> dict:

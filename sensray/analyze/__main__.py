@@ -7,7 +7,7 @@
 
 One run writes <run>/analysis/: report.md, report.html (self-contained), summary.json and the
 figures (PNG; SVG too with --svg). Several runs write <first run>/analysis/compare-<other run ids>/
-(or --out): compare.parquet (the joined table), compare.md, compare.html and two figures.
+(or --output-dir): compare.parquet (the joined table), compare.md, compare.html and two figures.
 A run directory without trials.parquet, or a table or baseline missing a column or key, exits
 with status 2 and a message naming the file.
 """
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory (results/<experiment>/<run id>); "
                         "two or more to compare them")
-    parser.add_argument("--out", metavar="DIR", help="where to write (default: <run>/analysis, or "
-                        "<first run>/analysis/compare-<other run ids> when comparing)")
+    parser.add_argument("--output-dir", "--out", dest="out", metavar="DIR",
+                        help="where to write (default: <run>/analysis, or <first run>/analysis/compare-<other run "
+                             "ids> when comparing); --out is the older spelling")
     parser.add_argument("--threshold", type=float, default=2.0, metavar="X",
                         help="a trial is catastrophic when non-finite or its ppl exceeds X times the baseline "
                              "(default 2)")
