@@ -197,14 +197,15 @@ def test_a_terminated_sweep_resumes_with_every_trial_once(tiny, local_ray, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Journal, "append", terminate_after_four)
-    assert main([str(spec), "--executor", "ray"]) == 130  # like Ctrl-C: replicas stopped, journal kept
+    # One replica (two trials in flight) is enough to be interrupted mid-flight, and starts in half the time.
+    assert main([str(spec), "--executor", "ray", "--replicas", "1"]) == 130  # like Ctrl-C: replicas stopped
     monkeypatch.undo()
     run = next((tmp_path / "results" / "raysweep").iterdir())
     journal = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     assert journal == written and not (run / "trials.parquet").exists()
     capsys.readouterr()
 
-    assert main([str(spec), "--resume", str(run), "--executor", "ray"]) == 0
+    assert main([str(spec), "--resume", str(run), "--executor", "ray", "--replicas", "1"]) == 0
     out = capsys.readouterr()
     assert "16 trials (12 to run)" in out.err and Path(last_line(out.out)) == run
     table = pl.read_parquet(run / "trials.parquet")
