@@ -18,8 +18,10 @@ exhaustive one and counts the token evaluations saved.
 Roles: the driver keeps the `Board` (fed every finished row, in the journal order, so `--resume`
 rebuilds it from the journal) and stamps each trial with the current bounds as it is dispatched
 (`EarlyStopFeed`); the replica evaluates with a `RungCheck`, which stops the trial and records
-its partial scores. Bounds only rise as trials finish, so a trial dispatched with older bounds is
-stopped less eagerly, never wrongly.
+its partial scores. A trial keeps the bounds it was dispatched with. Bounds mostly rise as trials
+finish, but fall when a trial that looked mild at a rung and finished worst joins the top-k: a
+trial sent earlier is then judged against the top-k of a moment before, as in ASHA, whose rungs
+also fill while other trials run.
 """
 
 from __future__ import annotations

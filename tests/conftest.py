@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny in-process models (no network), spec files in temp dirs."""
+"""Shared fixtures: tiny in-process models (no network), spec files in temp dirs, one local Ray."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine lose much to them."""
+    """Tiny matmuls gain nothing from threads, and on a shared machine lose much to them: threads that
+    wait on each other stall every op (a local sweep of the shipped model: 13.8 s with torch's 2 threads
+    on 2 busy cores, 1.4 s with one). Ray replicas and subprocesses set their own."""
     import torch
 
     threads = torch.get_num_threads()
@@ -50,3 +52,35 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model dir, corpus): a random tiny Llama with a character tokenizer on disk (tests/ray_support.py)."""
+    from ray_support import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_shared_ray):
+    """One local Ray for every test that asks for it, started the way the executor starts it (bound to
+    127.0.0.1) on first use and stopped at the end of the session. Starting Ray costs seconds; a test
+    that needs its own (a multi-node Cluster) shuts this one down, and the next test here restarts it."""
+    import ray
+
+    from sensray.executors.ray import connect
+
+    if not ray.is_initialized():
+        connect(None, num_cpus=2)
+    return ray

@@ -91,8 +91,10 @@ def slow_replica(seconds: float):
     return build
 
 
-def faulty_replica(crash_on: str = "", oom_on: str = "", restore_fails: bool = False, load_fails: bool = False):
-    """A real Replica that dies on one trial, runs out of memory on another, or cannot restore/load."""
+def faulty_replica(crash_on: str = "", oom_on: str = "", restore_fails: bool = False, load_fails: bool = False,
+                   dies_loading: bool = False):
+    """A real Replica that dies on one trial, runs out of memory on another, cannot restore/load, or
+    whose process dies while it loads."""
 
     def build(spec, replica_id):
         from sensray.errors import RestoreError, SensrayError
@@ -100,6 +102,8 @@ def faulty_replica(crash_on: str = "", oom_on: str = "", restore_fails: bool = F
 
         if load_fails:
             raise SensrayError("model.name: cannot load 'nowhere' (simulated)")
+        if dies_loading:
+            os._exit(1)  # e.g. the host's OOM killer, every time the model is read in
 
         class Faulty(Replica):
             def run_trial(self, trial):
@@ -124,6 +128,59 @@ def faulty_replica(crash_on: str = "", oom_on: str = "", restore_fails: bool = F
         return Faulty(spec, replica_id)
 
     return build
+
+
+def different_weights(index: int):
+    """Replica `index` loads weights that differ in one element, as from a stale model cache on its node."""
+
+    def build(spec, replica_id):
+        import torch
+
+        from sensray.models import load_model
+        from sensray.replica import Replica
+
+        model = load_model(spec.model)
+        if replica_id.startswith(f"ray-{index}@"):
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] += 1.0
+        return Replica(spec, replica_id, model=model)
+
+    return build
+
+
+def unconstructible_actor(message: str):
+    """A ReplicaActor class whose constructor raises (built here, so Ray ships it by value)."""
+    from sensray.executors.actor import ReplicaActor
+
+    class Unconstructible(ReplicaActor):
+        def __init__(self, threads: int):
+            raise RuntimeError(message)
+
+    return Unconstructible
+
+
+# -- running the executor --------------------------------------------------------------------------
+
+
+def run_executor(plan, on_row=None, **options):
+    """start + run + checksums + close; returns (rows, checksums, executor, log lines)."""
+    from sensray.executors.ray import RayExecutor
+
+    rows, logs = [], []
+    executor = RayExecutor(plan.spec, log=logs.append, **options)
+    try:
+        executor.start()
+        executor.run(plan.trials, lambda row: (rows.append(row), on_row and on_row(executor, rows)))
+        checksums = executor.checksums()
+    finally:
+        executor.close()
+    return rows, checksums, executor, logs
+
+
+def assert_exactly_once(rows, plan):
+    ids = [row["trial_id"] for row in rows]
+    assert len(ids) == len(set(ids)), "a trial was recorded twice"
+    assert set(ids) == {t.trial_id for t in plan.trials}, "a trial is missing"
 
 
 # -- processes and sockets -------------------------------------------------------------------------

@@ -49,7 +49,6 @@ def test_bad_files_name_the_line(tmp_path):
 
 
 def test_hf_datasets_go_through_load_dataset(tmp_path):
-    pytest.importorskip("datasets")
     rows = [{"text": "first document"}, {"text": ""}, {"text": "second"}]
     (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     spec = DataSpec(corpus="hf:json", data_files=str(tmp_path / "test.jsonl"), split="train")

@@ -32,6 +32,17 @@ def test_no_bounds_until_k_trials_finish_then_the_weakest_top_k_rung_scores():
     assert [tid for _, tid, _ in board.top()] == ["e", "a"] and board.bounds() == (2.0, 2.5)
 
 
+def test_a_trial_that_shows_its_damage_late_lowers_the_bound_when_it_joins_the_top_k():
+    """The bound is the weakest rung score of the current top-k: it falls when a trial that looked mild at
+    the rung (1.0) but finished worst (x10) joins the top-k. A trial sent before that keeps the old bound."""
+    board = Board(EarlyStopSpec(top_k=2, rungs=[0.5]), baseline_ppl=10.0)
+    board.tell(row("a", 3.0, [2.0]))
+    board.tell(row("d", 2.0, [1.5]))
+    assert board.bounds() == (1.5,)
+    board.tell(row("f", 10.0, [1.0]))
+    assert [tid for _, tid, _ in board.top()] == ["f", "a"] and board.bounds() == (1.0,)
+
+
 def scores(ppl):
     return Scores(nll=0.0, ppl=ppl, kl=0.0, top1_agreement=1.0, nonfinite=False, tokens=10)
 

@@ -75,7 +75,9 @@ def test_a_run_where_everything_went_non_finite(tmp_path):
 def test_a_run_where_nothing_changed_stays_readable(tmp_path):
     calm = bitflip_table().with_columns(pl.lit(1.0).alias("delta_ppl"), pl.lit(BASELINE_PPL).alias("ppl"),
                                         pl.lit(False).alias("nonfinite"))
-    for name, fig in figures.figures_for(calm, BASELINE_PPL).items():
+    made = figures.figures_for(calm, BASELINE_PPL)
+    assert set(made) == {"bitflip-heatmap", "bitflip-distribution"}  # a flat run still gets its figures
+    for name, fig in made.items():
         assert_drawn(figures.save(fig, tmp_path / name, dpi=DPI)[0])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -68,12 +70,16 @@ def test_perturbation_changes_the_text_and_is_restored(loaded):
     assert weights_checksum(model) == before and "verified bit-exact" in report["restored"]
 
 
-def test_inline_perturbation_prints_both_texts(model_dir, capsys):
+def test_inline_perturbation_prints_both_texts(model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # side by side
     assert main(["--model", str(model_dir), "--prompt", "abc", "--max-new-tokens", "5", "--perturb", "ablation",
                  "--param", "target=lm_head", "--param", "mode=zero"]) == 0
     out = capsys.readouterr().out
     assert "perturbation: ablation target=lm_head mode=zero" in out
-    assert "unperturbed" in out and "perturbed" in out and "verified bit-exact" in out
+    assert re.search(r"^unperturbed +│ perturbed$", out, re.M), out  # both titles, each over its column
+    [texts] = [line for line in out.splitlines() if "(nothing visible:" in line]  # lm_head zeroed: only spaces
+    assert texts.split("│")[0].strip()  # the unperturbed continuation has visible text
+    assert re.search(r"verified bit-exact \(model checksum [0-9a-f]{32} before and after\)", out)
 
 
 def test_ignore_eos_generates_every_token(loaded):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow  # the script's whole CPU smoke run, in its own interpreter
 def test_tiny_mode_prints_the_tables_without_polars_or_ray():
     out = subprocess.run([sys.executable, "-c", LAUNCH], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -24,8 +24,10 @@ def test_from_pretrained_on_a_local_directory(family, tmp_path):
     original.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = load_model(ModelSpec(name=str(tmp_path), device="cpu"))
-    for (name, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    want, got = original.state_dict(), loaded.state_dict()
+    assert list(got) == list(want)  # every tensor, none missing (zip below would hide it)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
     assert not loaded.training
 
 
@@ -43,18 +45,22 @@ def test_meta_model_has_structure_but_no_data(tmp_path):
 
 
 def test_pickled_checkpoints_are_never_unpickled(tmp_path):
-    """A .bin checkpoint holding anything but tensors is refused (torch.load weights_only=True)."""
+    """A .bin checkpoint holding anything but tensors is refused (torch.load weights_only=True), and
+    the code in it never runs: unpickling it would create a file."""
     model = tiny_model("llama")
     model.config.save_pretrained(tmp_path)
+    marker = tmp_path / "payload-ran"
 
     class Payload:
         def __reduce__(self):
-            return (print, ("unpickled!",))
+            return (marker.touch, ())
 
     state = dict(model.state_dict()) | {"evil": Payload()}
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(SensrayError, match="model.name"):
+    with pytest.raises(SensrayError, match=rf"^model\.name: cannot load '{tmp_path}'") as err:
         load_model(ModelSpec(name=str(tmp_path), device="cpu"))
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

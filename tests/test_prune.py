@@ -4,7 +4,6 @@ budgets, validation on meta models, exact restore on every family, and the shipp
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -25,9 +24,6 @@ from sensray.testing import FAMILIES, tiny_config, tiny_model
 PRUNE = PERTURBATIONS.get("prune")
 TOKENS = torch.arange(2 * 16).remainder(97).view(2, 16)
 CALIB = Calibration("bundled-train", sequences=4, seq_len=32)  # the key the tests' norms are cached under
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def apply(model, **params):
@@ -334,22 +330,7 @@ def test_prune_sweep_and_its_figure_end_to_end(tmp_path):
     assert "prune-sparsity.png" in (run / "analysis" / "report.md").read_text()
 
 
-# ---------------------------------------------------------------- shipped experiments, the figure
-
-REPO_EXPERIMENTS = sorted((Path(__file__).parents[1] / "experiments").glob("prune*.yaml"))
-
-
-@pytest.mark.parametrize("path", REPO_EXPERIMENTS, ids=lambda p: p.name)
-def test_every_shipped_prune_experiment_plans(path, tmp_path):
-    from sensray.plan import make_plan
-    from sensray.spec import load_spec
-
-    run = sensitivity_run(tmp_path, {f"blocks.{i}": 1 + i / 10 for i in range(8)})
-    overrides = [f"space.run={run}"] if "sensitivity" in path.name else []
-    plan = make_plan(load_spec(path, overrides))
-    assert len(plan.trials) == {"prune.yaml": 40, "prune-nm.yaml": 6, "prune-layers.yaml": 56,
-                                "prune-sensitivity.yaml": 12}[path.name]
-
+# ---------------------------------------------------------------- the figure
 
 def test_the_sparsity_figure_draws_curves_n_m_points_and_non_finite_trials(tmp_path):
     from sensray.analyze import figures

@@ -17,9 +17,6 @@ from sensray.prune import METADATA, main
 PRUNE = PERTURBATIONS.get("prune")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The shipped model pruned to 50% by wanda, exported once for the tests below."""

@@ -1,7 +1,7 @@
 """The Ray executor on one machine: same answers as local, exactly-once rows through replica deaths,
 failing trials, interrupted and killed drivers, the default command, loopback-only listeners.
 
-Integration tests: they start a real local Ray (bound to 127.0.0.1) and stop it again.
+Integration tests: they share one real local Ray (bound to 127.0.0.1; the `local_ray` fixture).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from ray_support import (build_tiny_model, faulty_replica, is_loopback, listening_sockets, plan_of,
-                         ray_descendants, slow_replica, spec_text, stop_session)
+from ray_support import (assert_exactly_once, faulty_replica, is_loopback, listening_sockets, plan_of,
+                         ray_descendants, run_executor, slow_replica, spec_text, stop_session)
 
 from sensray.errors import RestoreError, SensrayError
 from sensray.executors.ray import replica_count
@@ -26,47 +26,6 @@ from sensray.results import Journal
 from sensray.sweep import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("ray-model"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module, started the way the executor starts it; stopped at the end."""
-    import ray
-
-    from sensray.executors.ray import connect
-
-    assert not ray.is_initialized()
-    connect(None, num_cpus=2)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def run_executor(plan, on_row=None, **options):
-    """start + run + checksums + close; returns (rows, checksums, executor, log lines)."""
-    from sensray.executors.ray import RayExecutor
-
-    rows, logs = [], []
-    executor = RayExecutor(plan.spec, log=logs.append, **options)
-    try:
-        executor.start()
-        executor.run(plan.trials, lambda row: (rows.append(row), on_row and on_row(executor, rows)))
-        checksums = executor.checksums()
-    finally:
-        executor.close()
-    return rows, checksums, executor, logs
-
-
-def assert_exactly_once(rows, plan):
-    ids = [row["trial_id"] for row in rows]
-    assert len(ids) == len(set(ids)), "a trial was recorded twice"
-    assert set(ids) == {t.trial_id for t in plan.trials}, "a trial is missing"
 
 
 def last_line(text: str) -> str:
@@ -94,8 +53,10 @@ def test_cli_options_belong_to_ray(tiny, tmp_path, capsys):
     spec.write_text(spec_text(*tiny, tmp_path / "results"))
     assert main([str(spec), "--executor", "local", "--replicas", "2"]) == 1
     assert "--replicas: only for --executor ray" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main([str(spec), "--replicas", "0"])
+    assert exit_.value.code == 2  # argparse's usage error
+    assert "--replicas: expected a number >= 1 or 'auto', got '0'" in capsys.readouterr().err
 
 
 # -- same answers ----------------------------------------------------------------------------------
@@ -147,8 +108,13 @@ def test_early_stopping_runs_on_the_pool(tiny, local_ray, tmp_path, capsys):
     assert table.height == 16 and table["error"].is_null().all()
     full = table.filter(pl.col("stopped_rung").is_null())
     stopped = table.filter(pl.col("stopped_rung").is_not_null())
-    assert full.height >= 2 and (full["tokens"] == 2 * 31).all() and (stopped["tokens"] == 31).all()
+    assert full.height >= 2 and (full["tokens"] == 2 * 31).all()
+    assert stopped.height > 0 and (stopped["tokens"] == 31).all()  # trials did stop, at the rung, half way
     assert all(len(scores) == 1 for scores in table["rung_scores"])  # every trial reached the one rung
+    # A trial stops only below the bound it was sent with: the lowest rung score of some two trials that
+    # had run in full, which is at most the second highest rung score of all the trials run in full.
+    bound = sorted(scores[0] for scores in full["rung_scores"])[-2]
+    assert all(scores[0] < bound for scores in stopped["rung_scores"])
     assert "early stopping:" in out.err and "token evaluations" in out.err
 
 
@@ -175,6 +141,7 @@ def test_a_killed_replica_is_replaced_and_its_trials_rerun(tiny, local_ray, tmp_
     assert set(checksums) == {executor.baseline["checksum_at_load"]}
 
 
+@pytest.mark.slow  # three replicas start one after the other
 def test_a_trial_that_kills_its_replica_every_time_becomes_an_error_row(tiny, local_ray, tmp_path):
     plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))  # 4 trials
     poison = plan.trials[1].trial_id
@@ -230,14 +197,15 @@ def test_a_terminated_sweep_resumes_with_every_trial_once(tiny, local_ray, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Journal, "append", terminate_after_four)
-    assert main([str(spec), "--executor", "ray"]) == 130  # like Ctrl-C: replicas stopped, journal kept
+    # One replica (two trials in flight) is enough to be interrupted mid-flight, and starts in half the time.
+    assert main([str(spec), "--executor", "ray", "--replicas", "1"]) == 130  # like Ctrl-C: replicas stopped
     monkeypatch.undo()
     run = next((tmp_path / "results" / "raysweep").iterdir())
     journal = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     assert journal == written and not (run / "trials.parquet").exists()
     capsys.readouterr()
 
-    assert main([str(spec), "--resume", str(run), "--executor", "ray"]) == 0
+    assert main([str(spec), "--resume", str(run), "--executor", "ray", "--replicas", "1"]) == 0
     out = capsys.readouterr()
     assert "16 trials (12 to run)" in out.err and Path(last_line(out.out)) == run
     table = pl.read_parquet(run / "trials.parquet")
@@ -252,9 +220,10 @@ def _sweep_process(*args, cwd=REPO):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow  # two real commands, each starting its own Ray and replicas
 def test_the_default_command_killed_loses_only_trials_in_flight_and_resume_finishes(tiny, tmp_path):
     spec = tmp_path / "s.yaml"
-    spec.write_text(spec_text(*tiny, tmp_path / "results", num_samples=50))  # 200 trials
+    spec.write_text(spec_text(*tiny, tmp_path / "results", num_samples=25))  # 100 trials
     driver = _sweep_process(spec)  # no --executor: Ray is the default
     sid = os.getsid(driver.pid)
     try:
@@ -264,7 +233,7 @@ def test_the_default_command_killed_loses_only_trials_in_flight_and_resume_finis
     finally:
         stop_session(sid, grace=5)  # Ray's own processes follow the driver; its agents may linger
     rows = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
-    assert 10 <= len(rows) < 200 and not (journal.parent / "trials.parquet").exists()
+    assert 10 <= len(rows) < 100 and not (journal.parent / "trials.parquet").exists()
     assert all(row["replica"].startswith("ray-") for row in rows)
 
     resume = _sweep_process("--resume", journal.parent)
@@ -272,12 +241,12 @@ def test_the_default_command_killed_loses_only_trials_in_flight_and_resume_finis
     out, err = resume.communicate(timeout=300)
     leftovers = stop_session(sid)
     assert resume.returncode == 0, err
-    assert f"200 trials ({200 - len(rows)} to run)" in err and Path(last_line(out)) == journal.parent
+    assert f"100 trials ({100 - len(rows)} to run)" in err and Path(last_line(out)) == journal.parent
     table = pl.read_parquet(journal.parent / "trials.parquet")
-    assert table.height == 200 and table["trial_id"].n_unique() == 200 and table["error"].is_null().all()
+    assert table.height == 100 and table["trial_id"].n_unique() == 100 and table["error"].is_null().all()
     kept = table.filter(pl.col("trial_id").is_in([r["trial_id"] for r in rows]))
     assert sorted(kept["seconds"]) == sorted(r["seconds"] for r in rows)  # finished trials did not run again
-    assert "[200/200]" in err and "trials/s" in err and "failures 0" in err and re.search(r"replicas [12] ", err)
+    assert "[100/100]" in err and "trials/s" in err and "failures 0" in err and re.search(r"replicas [12] ", err)
     assert "Traceback" not in err and "Loading weights" not in err
     assert not leftovers, f"Ray processes outlived the driver: {leftovers}"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 import pytest
-from ray_support import (build_tiny_model, is_loopback, listening_sockets, plan_of, ray_descendants, slow_replica,
+from ray_support import (is_loopback, listening_sockets, plan_of, ray_descendants, slow_replica,
                          spec_text)
 
 MB = 2**20
@@ -17,6 +17,8 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the shared local Ray (conftest's local_ray): the executor must join the Cluster
+        ray.shutdown()
     # The head holds no CPU, so replicas run on the two workers only: losing one leaves one.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * MB, "node_ip_address": "127.0.0.1"})
@@ -29,14 +31,14 @@ def cluster():
         cluster.shutdown()
 
 
-def test_a_removed_node_leaves_the_sweep_to_the_rest(cluster, tmp_path):
+@pytest.mark.slow  # three Ray nodes on one machine
+def test_a_removed_node_leaves_the_sweep_to_the_rest(cluster, tiny, tmp_path):
     import ray
 
     from sensray.executors.ray import RayExecutor
 
     cluster, workers = cluster
-    model_dir, corpus = build_tiny_model(tmp_path)
-    plan = plan_of(spec_text(model_dir, corpus, tmp_path, num_samples=25))  # 100 trials
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=25))  # 100 trials
     executor = RayExecutor(plan.spec, address=cluster.address, replica_factory=slow_replica(0.05),
                            log=(logs := []).append)
     rows, lost = [], {}

@@ -69,7 +69,7 @@ def test_a_restore_that_does_not_verify_stops_the_sweep(replica, monkeypatch):
     from sensray.perturbations.edits import TensorEdit
 
     monkeypatch.setattr(TensorEdit, "restore", lambda self: None)
-    with pytest.raises(RestoreError):
+    with pytest.raises(RestoreError, match=r"^trial [0-9a-f]{16}: weights differ from their originals after restore$"):
         replica.run_trial(trials(replica, {"target": "blocks.1.attn.o", "mode": "zero"}, "ablation")[0])
     monkeypatch.undo()
     # put the model back for the other tests of this module

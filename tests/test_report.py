@@ -45,7 +45,9 @@ def test_report_md_says_what_was_run_and_what_it_found(analysed):
     assert "model `sensray-tiny`" in md and "64 trials (0 failed)" in md and "2 replicas" in md
     assert "perplexity **20.0000**" in md and "restored bit-exactly" in md
     assert "16 of 64 trials (25.0%, 95% CI 16.0%–36.8%) were catastrophic" in md
-    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == ["bitflip-distribution.png", "bitflip-heatmap.png"]
+    for link in links:
         assert (analysed / "analysis" / link).is_file()
     assert "| blocks.0 | exponent_msb | 4 | inf |" in md  # the top row of the ranked table
 
@@ -96,7 +98,9 @@ def test_other_kinds_report_end_to_end(tmp_path, capsys):
         assert main([str(run), "--out", str(tmp_path / f"{name}-out")]) == 0
         assert (tmp_path / f"{name}-out" / "report.html").is_file()
     out = capsys.readouterr().out
-    assert "Per module kind and sigma" in out and "mode" in out
+    assert "Per module kind and sigma" in out  # the noise run's dose table
+    assert re.search(r"^ +target +mode +n +median", out, re.M)  # the ablation run's ranking, by mode...
+    assert re.search(r"^ +blocks\.0\.mlp\.down +zero +1 +inf", out, re.M)  # ...its non-finite trial first
 
 
 # --- comparing runs ---

@@ -1,9 +1,10 @@
 """Search-space parsing and expansion (Ray Tune vocabulary, no Ray)."""
 
+import numpy as np
 import pytest
 
 from sensray.errors import SpecError
-from sensray.space import Constant, Each, GridSearch, Numeric, expand, parse_space, trial_id
+from sensray.space import Constant, Each, GridSearch, Normal, Numeric, expand, parse_space, trial_id
 
 
 def no_each(pattern, path):
@@ -68,6 +69,24 @@ def test_numeric_domains_stay_in_bounds():
     assert {t.params["r"] for t in trials} == {0, 1, 2}
 
 
+def test_randn_draws_normal_values_with_its_mean_and_sd():
+    domains = parse_space({"shift": {"randn": [2.0, 0.5]}})
+    assert isinstance(domains["shift"], Normal) and (domains["shift"].mean, domains["shift"].sd) == (2.0, 0.5)
+    draws = np.array([t.params["shift"] for t in expand(domains, "noise", 2000, 0, no_each, False)])
+    assert draws.dtype == np.float64 and len(set(draws)) == 2000
+    assert abs(draws.mean() - 2.0) < 0.05 and abs(draws.std() - 0.5) < 0.05  # 2000 draws: a few standard errors
+    assert (draws < 2.0 - 1.0).any() and (draws > 2.0 + 1.0).any()  # unbounded: tails beyond 2 sd occur
+    again = [t.params["shift"] for t in expand(domains, "noise", 2000, 0, no_each, False)]
+    assert again == draws.tolist()  # seeded
+
+
+@pytest.mark.parametrize("args", [[0.0], [0.0, 0.0], [0.0, -1.0], ["a", 1.0], 3])
+def test_randn_needs_a_mean_and_a_positive_sd(args):
+    with pytest.raises(SpecError) as err:
+        parse_space({"shift": {"randn": args}})
+    assert err.value.path == "space.shift.randn" and "expects [mean, sd] with sd > 0" in err.value.message
+
+
 def test_auto_seed_gives_each_sample_its_own_seed():
     domains = parse_space({"target": "blocks.0"})
     trials = expand(domains, "bitflip", 3, 10, no_each, auto_seed=True)
@@ -93,11 +112,14 @@ def test_trial_id_ignores_key_order_but_not_values():
 
 
 def test_to_tune_builds_tune_domains():
-    tune = pytest.importorskip("ray.tune")
+    from ray import tune  # a dependency of sensray: a missing Ray must fail here, not skip
+
     from sensray.space import to_tune
 
     space = to_tune(parse_space({"a": {"grid_search": [1, 2]}, "b": {"loguniform": [0.1, 1]}, "c": 5,
-                                 "t": {"each": "x"}}), lambda p, path: ["x0", "x1"])
+                                 "t": {"each": "x"}, "n": {"randn": [1.0, 0.1]}}), lambda p, path: ["x0", "x1"])
     assert space["a"] == {"grid_search": [1, 2]} and space["c"] == 5
     assert space["t"] == {"grid_search": ["x0", "x1"]}
-    assert isinstance(space["b"], tune.search.sample.Float)
+    assert isinstance(space["b"], tune.search.sample.Float) and (space["b"].lower, space["b"].upper) == (0.1, 1)
+    sampler = space["n"].get_sampler()
+    assert isinstance(sampler, tune.search.sample.Normal) and (sampler.mean, sampler.sd) == (1.0, 0.1)

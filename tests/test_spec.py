@@ -1,8 +1,10 @@
-"""Experiment specs: strict parsing, key paths in errors, overrides, every shipped spec parses."""
+"""Experiment specs: strict parsing, key paths in errors, overrides, resources, every shipped spec plans."""
 
 from pathlib import Path
 
+import polars as pl
 import pytest
+from pydantic import ValidationError
 
 from sensray.errors import SpecError
 from sensray.spec import load_spec, parse_spec
@@ -21,8 +23,10 @@ def test_minimal_spec_fills_defaults_and_is_frozen():
     spec = parse_spec(MINIMAL)
     assert spec.model.name == "sensray-tiny" and spec.model.dtype == "float32"
     assert spec.model.trust_remote_code is False and spec.data.corpus == "bundled"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.name = "other"
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.model.dtype = "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -70,7 +74,57 @@ def test_load_spec_names_the_file(tmp_path):
         load_spec(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("resources, cpus, gpus, replicas", [
+    ("{}", 1, 0, "auto"),
+    ("{cpus: 0.5, gpus: 0.5, replicas: 3}", 0.5, 0.5, 3),  # two replicas share a GPU
+    ("{gpus: 2, replicas: auto}", 1, 2, "auto"),  # one model sharded over two GPUs
+])
+def test_resources_as_documented(resources, cpus, gpus, replicas):
+    res = parse_spec(MINIMAL + f"resources: {resources}\n").resources
+    assert (res.cpus, res.gpus, res.replicas) == (cpus, gpus, replicas)
+
+
+@pytest.mark.parametrize("resources, path, words", [
+    ("{gpus: 1.5}", "resources.gpus", "above 1 must be a whole number of GPUs"),
+    ("{gpus: -1}", "resources.gpus", "greater than or equal to 0"),
+    ("{cpus: 0}", "resources.cpus", "greater than 0"),
+    ("{replicas: 0}", "resources.replicas", "must be 'auto' or a whole number >= 1, got 0"),
+    ("{replicas: 2.5}", "resources.replicas", "got 2.5"),
+    ("{replicas: true}", "resources.replicas", "got True"),
+    ("{replicas: many}", "resources.replicas", "got 'many'"),
+    ("{gpu: 1}", "resources.gpu", "unknown key"),
+])
+def test_bad_resources_name_the_key(resources, path, words):
+    err = error_of(MINIMAL + f"resources: {resources}\n")
+    assert err.path == path and words in err.message
+
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+# Every experiment on the shipped model, and its trial count when planned against the model's structure.
+# The 7B ones are planned in test_cluster_yaml.py and test_superweights.py (their configs are on the Hub).
+TINY_TRIALS = {"ablation-blocks.yaml": 8, "ablation.yaml": 8 * 7 * 2, "bitflip-random.yaml": 40,
+               "bitflip.yaml": 8 * 4 * 8, "noise.yaml": 7 * 5 * 3, "worst-noise.yaml": 8 * 7 * 3,
+               "prune.yaml": 40, "prune-nm.yaml": 6, "prune-layers.yaml": 8 * 7, "prune-sensitivity.yaml": 12}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_shipped_experiment_parses(path):
     spec = load_spec(path)
-    assert spec.name and spec.space
+    assert spec.name == path.stem and spec.space
+    assert (spec.model.name == "sensray-tiny") == (path.name in TINY_TRIALS), "plan it below, or in a 7B test"
+
+
+@pytest.mark.parametrize("name", TINY_TRIALS)
+def test_every_shipped_tiny_experiment_plans(name, tmp_path):
+    from sensray.plan import make_plan
+
+    overrides = []
+    if name == "prune-sensitivity.yaml":  # it reads per-layer results of prune-layers.yaml: give it some
+        run = tmp_path / "prune-layers" / "20260101-000000-abcdef"
+        run.mkdir(parents=True)
+        pl.DataFrame({"target": [f"blocks.{i}" for i in range(8)], "delta_ppl": [1 + i / 10 for i in range(8)],
+                      "error": [None] * 8}, schema_overrides={"error": pl.String}).write_parquet(run / "trials.parquet")
+        overrides = [f"space.run={run}"]
+    plan = make_plan(load_spec(REPO / "experiments" / name, overrides))  # against the meta model: no weights
+    assert len(plan.trials) == TINY_TRIALS[name]
+    assert len({t.trial_id for t in plan.trials}) == len(plan.trials)

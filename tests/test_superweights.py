@@ -111,7 +111,7 @@ def test_zero_changes_exactly_its_elements_and_restores_bit_exactly(dtype, param
 
 
 def test_prefix_reuse_starts_at_the_zeroed_block():
-    prefix = pytest.importorskip("sensray.prefix")
+    from sensray import prefix
     from sensray.metrics import evaluate, reference
 
     model, data = plant(tiny_model("llama")), [WINDOWS[:2]]
