@@ -13,6 +13,10 @@ not installed (the GPU machine); `to_tune()` gives the same space in Tune's obje
 
 Random draws use an RNG keyed by (spec seed, sample, grid index), so a trial's values do not
 depend on the order in which trials are generated or on the machine.
+
+The number of trials is computed from the axes' lengths before any trial is built, and a space
+larger than `max_trials` is an error, not a hang: a grid is a product, and products grow fast.
+Domain bounds must be finite numbers a generator can draw from (int64 for integer domains).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import numpy as np
 
 from sensray.errors import SpecError
 from sensray.registry import Registry
+
+INT64 = (-(2**63), 2**63 - 1)  # what numpy's integer draws (and torch's seeds) can hold
 
 
 class Domain:
@@ -129,15 +135,25 @@ class Normal(Domain):
 
 def _bounds(arity: int, integer=False, log=False, quantized=False):
     def build(args: Any, path: str) -> Domain:
+        shape = "[low, high, q]" if quantized else "[low, high]"
         if not isinstance(args, list) or len(args) != arity or not all(_is_number(a) for a in args):
-            shape = "[low, high, q]" if quantized else "[low, high]"
             raise SpecError(path, f"expects a list {shape} of numbers, got {args!r}")
+        if integer and not all(isinstance(a, int) for a in args):
+            raise SpecError(path, f"expects a list {shape} of whole numbers (an integer domain), got {args!r}")
+        if not all(math.isfinite(a) for a in args):
+            raise SpecError(path, f"bounds must be finite numbers, got {args!r}")
         low, high = args[0], args[1]
         if not low < high:
             raise SpecError(path, f"low must be below high, got {args!r}")
+        if integer and not (INT64[0] <= low and high <= INT64[1]):
+            raise SpecError(path, f"bounds must fit in a 64-bit integer ({INT64[0]} .. {INT64[1]}), got {args!r}")
+        if not integer and not math.isfinite(high - low):
+            raise SpecError(path, f"the range {args!r} is too wide to draw from (high - low overflows)")
         if log and low <= 0:
             raise SpecError(path, f"log domains need low > 0, got {low!r}")
         q = args[2] if quantized else None
+        if q is not None and q <= 0:
+            raise SpecError(path, f"q (the step) must be above 0, got {q!r}")
         return Numeric(low, high, q=q, log=log, integer=integer)
 
     return build
@@ -145,7 +161,6 @@ def _bounds(arity: int, integer=False, log=False, quantized=False):
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
 
 
 
@@ -165,8 +180,9 @@ def _each(args: Any, path: str) -> Domain:
 
 
 def _randn(args: Any, path: str) -> Domain:
-    if not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) for a in args) or args[1] <= 0:
-        raise SpecError(path, f"expects [mean, sd] with sd > 0, got {args!r}")
+    if (not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) and math.isfinite(a) for a in args)
+            or args[1] <= 0):
+        raise SpecError(path, f"expects [mean, sd], finite numbers with sd > 0, got {args!r}")
     return Normal(*args)
 
 
@@ -230,22 +246,23 @@ def expand(
     seed: int,
     each: Callable[[str, str], list[str]],
     auto_seed: bool,
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    max_trials: int | None = None,
 ) -> list[Trial]:
     """Every trial of the space, in a stable order.
 
     `each(pattern, path)` lists the components a pattern matches (it needs the model).
     `auto_seed`: the kind takes a `seed` the space leaves open, so each sample gets its own.
+    `canonical(params)`: the params as the kind reads them (`sigma: 1` and `sigma: 1.0` are one
+    trial), applied before hashing. `max_trials`: a larger space is a SpecError, raised before
+    any trial is built.
     """
-    axes = {}
-    for name, domain in domains.items():
-        if isinstance(domain, Each):
-            axes[name] = each(domain.pattern, f"space.{name}.each")
-        elif domain.grid:
-            axes[name] = list(domain.values)
+    axes = grid_axes(domains, each)
+    if max_trials is not None:
+        check_size(axes, num_samples, max_trials)
     trials, seen = [], {}
-    grid = list(itertools.product(*axes.values()))
     for sample in range(num_samples):
-        for index, point in enumerate(grid):
+        for index, point in enumerate(itertools.product(*axes.values())):
             rng = np.random.default_rng([seed, sample, index])
             chosen = dict(zip(axes, point))
             params = {
@@ -254,6 +271,8 @@ def expand(
             }
             if auto_seed:
                 params["seed"] = seed + sample
+            if canonical is not None:
+                params = canonical(params)
             tid = trial_id(kind, params)
             if tid in seen:
                 raise SpecError(
@@ -264,6 +283,27 @@ def expand(
             seen[tid] = len(trials)
             trials.append(Trial(tid, kind, params, sample))
     return trials
+
+
+def grid_axes(domains: dict[str, Domain], each: Callable[[str, str], list[str]]) -> dict[str, list]:
+    """The grid's axes: each grid domain's values (`each`: the components its pattern matches)."""
+    axes = {}
+    for name, domain in domains.items():
+        if isinstance(domain, Each):
+            axes[name] = each(domain.pattern, f"space.{name}.each")
+        elif domain.grid:
+            axes[name] = list(domain.values)
+    return axes
+
+
+def check_size(axes: dict[str, list], repeats: int, max_trials: int) -> int:
+    """The number of trials (grid points x repeats), computed without building any; at most max_trials."""
+    count = math.prod(len(values) for values in axes.values()) * repeats
+    if count > max_trials:
+        factors = " x ".join([f"{name} {len(values)}" for name, values in axes.items()] + [f"num_samples {repeats}"])
+        raise SpecError("space", f"expands to {count:,} trials ({factors}), more than the limit of {max_trials:,}; "
+                                 "make the grid smaller, or raise the limit with --max-trials")
+    return count
 
 
 def _plain(value: Any) -> Any:

@@ -134,7 +134,7 @@ def test_resume_refuses_a_different_spec(small_spec, tmp_path, capsys):
     main([str(small_spec), "--executor", "local"])
     run = capsys.readouterr().out.strip().splitlines()[-1]
     result = run_cli(small_spec, "--executor", "local", "--resume", run, "--set", "seed=5")
-    assert result.returncode == 1 and "differs" in result.stderr and "seed" in result.stderr
+    assert result.returncode == 2 and "differs" in result.stderr and "seed" in result.stderr
 
 
 def test_hf_token_from_dotenv_is_never_written(small_spec, tmp_path):
