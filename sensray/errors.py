@@ -61,6 +61,12 @@ class RestoreError(SensrayError):
     """Weights after a trial differ from the weights before it: a correctness failure."""
 
 
+def shorten(value: object, limit: int = 120) -> str:
+    """repr(value), cut short: a message about a 50,000-element list must still be one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(command: Callable[[], int], interrupted: str | Callable[[], str] | None = None) -> int:
     """Run a command-line entry point: a `SensrayError` becomes one `error:` line on stderr and its
     exit code; with `interrupted` (what Ctrl-C leaves behind, or a function that says it once the

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from sensray.architectures import UnsupportedArchitecture, adapter_for
-from sensray.errors import SpecError
+from sensray.errors import SpecError, shorten
 from sensray.models import context_length, meta_model
 from sensray.perturbations import PERTURBATIONS, ParamError
 from sensray.space import Trial, expand, parse_space
@@ -88,4 +88,4 @@ def check_context(spec: ExperimentSpec, config) -> None:
 
 
 def _param_error(err: ParamError, params: dict[str, Any]) -> SpecError:
-    return SpecError(f"space.{err.param}" if err.param else "space", f"{err} (in trial {params})")
+    return SpecError(f"space.{err.param}" if err.param else "space", f"{err} (in trial {shorten(params, 300)})")

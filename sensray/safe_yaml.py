@@ -24,8 +24,9 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from sensray.errors import SpecError
 
-MAX_NODES = 20_000  # values, keys and containers, with aliases expanded (a spec is a page of YAML)
+MAX_NODES = 50_000  # values, keys and containers, with aliases expanded (a spec is a page or two of YAML)
 MAX_DEPTH = 64  # containers nested in containers, with aliases expanded
+MAX_INT_CHARS = 64  # an integer literal's length (int64 takes 19 digits; binary literals take more)
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -78,6 +79,16 @@ class _Loader(yaml.SafeLoader):
                     raise SpecError("", f"{_line(key_node)}duplicate key {key!r} (first given on line "
                                         f"{first.start_mark.line + 1}); give each key once")
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        # int64 needs 19 digits; Python refuses int() of thousands, and a long literal is a mistake anyway
+        if len(node.value) > MAX_INT_CHARS:
+            raise SpecError("", f"{_line(node)}an integer of {len(node.value)} characters; numbers in a spec fit "
+                                "in 64 bits")
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _check_size(root: Node) -> None:

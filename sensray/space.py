@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sensray.errors import SpecError
+from sensray.errors import SpecError, shorten
 from sensray.registry import Registry
 
 INT64 = (-(2**63), 2**63 - 1)  # what numpy's integer draws (and torch's seeds) can hold
@@ -137,18 +137,18 @@ def _bounds(arity: int, integer=False, log=False, quantized=False):
     def build(args: Any, path: str) -> Domain:
         shape = "[low, high, q]" if quantized else "[low, high]"
         if not isinstance(args, list) or len(args) != arity or not all(_is_number(a) for a in args):
-            raise SpecError(path, f"expects a list {shape} of numbers, got {args!r}")
+            raise SpecError(path, f"expects a list {shape} of numbers, got {shorten(args)}")
         if integer and not all(isinstance(a, int) for a in args):
-            raise SpecError(path, f"expects a list {shape} of whole numbers (an integer domain), got {args!r}")
-        if not all(math.isfinite(a) for a in args):
-            raise SpecError(path, f"bounds must be finite numbers, got {args!r}")
+            raise SpecError(path, f"expects a list {shape} of whole numbers (an integer domain), got {shorten(args)}")
+        if not all(_finite(a) for a in args):
+            raise SpecError(path, f"bounds must be finite numbers, got {shorten(args)}")
         low, high = args[0], args[1]
         if not low < high:
-            raise SpecError(path, f"low must be below high, got {args!r}")
+            raise SpecError(path, f"low must be below high, got {shorten(args)}")
         if integer and not (INT64[0] <= low and high <= INT64[1]):
-            raise SpecError(path, f"bounds must fit in a 64-bit integer ({INT64[0]} .. {INT64[1]}), got {args!r}")
-        if not integer and not math.isfinite(high - low):
-            raise SpecError(path, f"the range {args!r} is too wide to draw from (high - low overflows)")
+            raise SpecError(path, f"bounds must fit in a 64-bit integer ({INT64[0]} .. {INT64[1]}), got {shorten(args)}")
+        if not integer and not _finite(high - low):
+            raise SpecError(path, f"the range {shorten(args)} is too wide to draw from (high - low overflows)")
         if log and low <= 0:
             raise SpecError(path, f"log domains need low > 0, got {low!r}")
         q = args[2] if quantized else None
@@ -163,11 +163,19 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _finite(x: int | float) -> bool:
+    """Not NaN or infinite, and within float range (YAML ints are unbounded: 10**400 is one)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 
 def _values(cls):
     def build(args: Any, path: str) -> Domain:
         if not isinstance(args, list) or not args:
-            raise SpecError(path, f"expects a non-empty list of values, got {args!r}")
+            raise SpecError(path, f"expects a non-empty list of values, got {shorten(args)}")
         return cls(tuple(args))
 
     return build
@@ -175,14 +183,14 @@ def _values(cls):
 
 def _each(args: Any, path: str) -> Domain:
     if not isinstance(args, str) or not args:
-        raise SpecError(path, f"expects a target pattern such as 'blocks.*', got {args!r}")
+        raise SpecError(path, f"expects a target pattern such as 'blocks.*', got {shorten(args)}")
     return Each(args)
 
 
 def _randn(args: Any, path: str) -> Domain:
-    if (not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) and math.isfinite(a) for a in args)
+    if (not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) and _finite(a) for a in args)
             or args[1] <= 0):
-        raise SpecError(path, f"expects [mean, sd], finite numbers with sd > 0, got {args!r}")
+        raise SpecError(path, f"expects [mean, sd], finite numbers with sd > 0, got {shorten(args)}")
     return Normal(*args)
 
 
@@ -277,7 +285,7 @@ def expand(
             if tid in seen:
                 raise SpecError(
                     "space",
-                    f"trials {seen[tid]} and {len(trials)} are identical ({params}); "
+                    f"trials {seen[tid]} and {len(trials)} are identical ({shorten(params, 300)}); "
                     "num_samples > 1 needs a random domain or a seed that varies",
                 )
             seen[tid] = len(trials)

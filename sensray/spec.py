@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sensray import safe_yaml
-from sensray.errors import SpecError
+from sensray.errors import SpecError, shorten
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; anything near this is a mistake or an attack
@@ -246,7 +246,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         node[parts[-1]] = safe_yaml.load(value)
     except SpecError as err:
-        raise SpecError(key, f"--set value {value!r}: {err.message}") from None
+        raise SpecError(key, f"--set value {shorten(value, 60)}: {err.message}") from None
 
 
 def check_permissions(spec: ExperimentSpec, trust_remote_code: bool, allow_searcher_import: bool) -> None:
@@ -291,11 +291,6 @@ def describe(error: dict) -> str:
         return f"{value!r} is not allowed; expected one of {expected}"
     message = error["msg"].removeprefix("Value error, ")
     if kind in ("int_type", "float_type", "bool_type") and isinstance(value, str):
-        return f"{message}, got the string {_short(value)} (write numbers and booleans without quotes)"
-    return f"{message} (got {_short(value)})" if kind != "value_error" and not isinstance(value, dict) else message
+        return f"{message}, got the string {shorten(value)} (write numbers and booleans without quotes)"
+    return f"{message} (got {shorten(value)})" if kind != "value_error" and not isinstance(value, dict) else message
 
-
-def _short(value: Any, limit: int = 120) -> str:
-    """repr(value), cut short: an error message must stay one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace, interrupted: Interrupted) -> int:
             print(describe(plan) + resumed)
             return 0
         interrupted.run = run.path if run is not None else None
-        return _run(plan, run, todo, total, interrupted, args.executor, **options)
+        return _run(plan, run, args.executor, interrupted=interrupted, left=(todo, total), **options)
 
 
 def _checked_source(plan: Plan, run, replicas_here: bool):
@@ -157,13 +157,18 @@ def _attributed(source: Path):
         raise err.located(str(source)) from None
 
 
-def _run(plan: Plan, run_dir, todo, total: int, interrupted: Interrupted, executor_name: str, **options) -> int:
+def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | None = None, left=None,
+         **options) -> int:
+    """Run what is `left` (todo, total: default, every trial not in run_dir yet) and write the run directory;
+    `interrupted` learns the run directory as soon as it exists. (sensray.superweights drives sweeps here too.)"""
     from sensray.executors import executor_for
-    from sensray.executors.feed import table_rows
+    from sensray.executors.feed import table_rows, trial_source
     from sensray.progress import Progress
     from sensray.results import Journal, RunDir
 
     spec = plan.spec
+    todo, total = left if left is not None else trial_source(plan, run_dir.rows() if run_dir else [])
+    interrupted = interrupted if interrupted is not None else Interrupted()
     executor = executor_for(executor_name, spec, **options)
     try:
         baseline = executor.start()  # loads model and data: any error here leaves nothing on disk

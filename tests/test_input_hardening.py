@@ -2,7 +2,8 @@
 nothing written (issue 10, part 4). One section per class of failure:
 
 1. errors that must cross Ray      2. resource bombs          3. tracebacks on user mistakes
-4. silent acceptance               5. what --dry-run checks   6. code execution from a spec
+4. silent acceptance               5. what --dry-run checks
+(6. code execution from a spec: test_untrusted_code.py)
 
 Runs the sweep in-process on the shipped model (one torch thread); one test starts a local Ray.
 """
@@ -15,27 +16,14 @@ import json
 import pickle
 import pkgutil
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
-from sweep_support import one_error, sweep
+from sweep_support import SMALL, fails, spec_writer, sweep
 
 import sensray
 from sensray.errors import SensrayError, SpecError
 from sensray.models import BUNDLED_MODEL
-
-SMALL = """\
-name: small
-data: {{seq_len: 32, num_sequences: 2, batch_size: 2}}
-perturbation: bitflip
-space:
-  target: {{each: "blocks.0-1"}}
-  field: {{grid_search: [exponent_msb, mantissa]}}
-  count: 2
-num_samples: 2
-output_dir: {out}
-"""
 
 NOISE = """\
 name: noisy
@@ -61,22 +49,7 @@ def results(tmp_path) -> Path:
 @pytest.fixture
 def spec(tmp_path, results):
     """Write a spec (SMALL by default, dedented) and return its path."""
-
-    def write(text: str = SMALL, name: str = "spec.yaml", **fields) -> Path:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text).format(out=results, **fields), encoding="utf-8")
-        return path
-
-    return write
-
-
-def fails(capsys, code: int, *args, words: tuple[str, ...] = ()) -> str:
-    got, _, err = sweep(capsys, *args)
-    line = one_error(err)
-    assert got == code, err
-    for word in words:
-        assert word in line, line
-    return line
+    return spec_writer(tmp_path, results)
 
 
 # -- 1. errors that must cross Ray -------------------------------------------------------------------
@@ -166,7 +139,7 @@ def test_an_alias_bomb_in_a_set_value_is_refused(spec, capsys):
 @pytest.mark.parametrize("yaml_text, words", [
     ("space: {{x: &r [1, *r]}}\n", "recursive"),
     ("description: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 64"),
-    ("description: [" + "0, " * 25_000 + "]\n", "line 3: more than 20,000 values"),
+    ("description: [" + "0, " * 55_000 + "]\n", "line 3: more than 50,000 values"),
 ])
 def test_recursive_deep_or_huge_yaml_is_refused(spec, capsys, yaml_text, words):
     fails(capsys, 2, spec("name: x\nperturbation: noise\n" + yaml_text), "--dry-run", words=(words,))
@@ -244,6 +217,8 @@ def test_non_finite_numbers_are_refused(spec, capsys, domain, words):
     ("space.seed=18446744073709551616", "space.seed: 18446744073709551616 is not a usable number"),
     ("seed=9223372036854775808", "seed: Input should be less than or equal to 9223372036854775807"),
     ("seed=9223372036854775807", "seed 9223372036854775807 + 2 trials passes"),
+    ("seed=" + "9" * 5000, "line 1: an integer of 5000 characters; numbers in a spec fit in 64 bits"),
+    ("space.sigma={uniform: [0, 1.0e+400]}", "bounds must be finite numbers, got [0, inf]"),
 ])
 def test_seeds_and_integers_past_int64_are_refused(spec, capsys, change, words):
     fails(capsys, 2, spec(), "--dry-run", "--set", change, words=(words,))
@@ -454,78 +429,3 @@ def test_a_sweep_that_fails_at_startup_writes_nothing(spec, results, capsys, mon
     monkeypatch.setattr(Replica, "__init__", cannot_load)
     fails(capsys, 1, spec(), "--executor", "local", words=("cannot load (simulated)",))
     assert not results.exists()
-
-
-# -- 6. code execution from a spec ---------------------------------------------------------------------
-
-
-def remote_code_model(tmp_path: Path) -> tuple[Path, Path]:
-    """The shipped model, its config pointing at modeling code that writes a marker file when it runs."""
-    model, marker = tmp_path / "custom-model", tmp_path / "code-ran"
-    shutil.copytree(BUNDLED_MODEL, model)
-    (model / "configuration_marker.py").write_text(textwrap.dedent(f"""\
-        from pathlib import Path
-        from transformers import LlamaConfig
-        Path({str(marker)!r}).write_text("ran")
-        class MarkerConfig(LlamaConfig):
-            pass
-        """))
-    (model / "modeling_marker.py").write_text(textwrap.dedent("""\
-        from transformers import LlamaForCausalLM
-        from .configuration_marker import MarkerConfig
-        class MarkerForCausalLM(LlamaForCausalLM):
-            config_class = MarkerConfig
-        """))
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig",
-                          "AutoModelForCausalLM": "modeling_marker.MarkerForCausalLM"}
-    (model / "config.json").write_text(json.dumps(config))
-    return model, marker
-
-
-def test_trust_remote_code_in_a_spec_needs_the_flag(spec, tmp_path, capsys, monkeypatch):
-    import transformers.dynamic_module_utils as dynamic
-
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))  # keep ~/.cache clean
-    model, marker = remote_code_model(tmp_path)
-    path = spec(SMALL + f"model: {{{{name: {model}, trust_remote_code: true}}}}\n")
-    for args in (["--dry-run"], ["--executor", "local"]):
-        fails(capsys, 2, path, *args, words=("model.trust_remote_code: true runs Python code", "--trust-remote-code"))
-    assert not marker.exists()
-    sweep(capsys, path, "--dry-run", "--trust-remote-code")
-    assert marker.exists()  # the control: with the flag, the model's code does run
-
-
-def test_a_searcher_module_in_a_spec_needs_the_flag(spec, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("ray")
-    marker = tmp_path / "import-ran"
-    (tmp_path / "evil_searcher.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-                                               "class Searcher:\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    search = "search: {{algorithm: 'evil_searcher:Searcher', num_trials: 4}}\n"
-    path = spec(SMALL.replace("num_samples: 2\n", "") + search)
-    for args in (["--dry-run"], ["--executor", "local"]):
-        fails(capsys, 2, path, *args, words=("search.algorithm: 'evil_searcher:Searcher' imports the module",
-                                             "--allow-searcher-import"))
-    assert not marker.exists()
-    fails(capsys, 2, path, "--dry-run", "--allow-searcher-import", words=("is not a ray.tune.search.Searcher",))
-    assert marker.exists()  # the control: with the flag, the module is imported
-    built_in = spec(SMALL.replace("num_samples: 2\n", "") + search.replace("'evil_searcher:Searcher'", "worst-case"))
-    assert sweep(capsys, built_in, "--dry-run")[0] == 0  # a built-in searcher needs no flag
-
-
-def test_generate_honours_a_runs_trust_remote_code_only_with_the_flag(tmp_path, capsys):
-    from sensray.generate import main as generate
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "spec.yaml").write_text(SMALL.format(out=tmp_path) + "model: {trust_remote_code: true}\n")
-    assert generate(["--run", str(run)]) == 2
-    line = one_error(capsys.readouterr().err)
-    assert "model.trust_remote_code" in line and "--trust-remote-code" in line
-
-
-@pytest.mark.parametrize("module", ["sensray.generate", "sensray.prune", "sensray.superweights.cli"])
-def test_every_model_loading_command_has_the_flag(module):
-    parser = importlib.import_module(module).build_parser()
-    assert "--trust-remote-code" in parser.format_help()

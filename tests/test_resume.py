@@ -11,23 +11,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from sweep_support import one_error, sweep
+from sweep_support import SMALL, one_error, sweep
 
 from sensray.replica import Replica
 from sensray.results import Journal, read_journal
-
-SMALL = """\
-name: small
-data: {{seq_len: 32, num_sequences: 2, batch_size: {batch}}}
-perturbation: bitflip
-space:
-  target: {{each: "blocks.0-1"}}
-  field: {{grid_search: [exponent_msb, mantissa]}}
-  count: 2
-num_samples: 2
-output_dir: {out}
-"""
-
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
@@ -37,7 +24,7 @@ def _one_thread(one_torch_thread):
 @pytest.fixture
 def spec(tmp_path) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(SMALL.format(out=tmp_path / "results", batch=2), encoding="utf-8")
+    path.write_text(SMALL.format(out=tmp_path / "results"), encoding="utf-8")
     return path
 
 
@@ -161,7 +148,8 @@ def test_resume_applies_set_and_refuses_any_change_but_resources(spec, capsys, m
 
 def test_the_early_stopping_board_is_rebuilt_from_the_journal(tmp_path, capsys, monkeypatch):
     """Resumed trials are dispatched with exactly the bounds they would have had uninterrupted."""
-    text = SMALL.format(out=tmp_path / "results", batch=1) + "early_stop: {top_k: 2, rungs: [0.5]}\n"
+    text = (SMALL.format(out=tmp_path / "results").replace("batch_size: 2", "batch_size: 1")
+            + "early_stop: {top_k: 2, rungs: [0.5]}\n")
     path = tmp_path / "spec.yaml"
     path.write_text(textwrap.dedent(text))
     ran = spy(monkeypatch)
