@@ -7,7 +7,7 @@
 dry run passes cannot fail a real run later for a reason that was knowable up front:
 
 - the corpus reads, and tokenizes (the tokenizer is cheap) into enough windows of `seq_len`;
-  early-stopping rungs fall on distinct batches of it;
+  early-stopping rungs fall on distinct batches of it (when the replicas run on this machine);
 - the model directory has its weights, and every safetensors header reads and covers its file
   (a truncated copy fails here, not in each replica);
 - the device asked for exists (`cuda` on a machine without one), when the replicas run here;
@@ -33,10 +33,12 @@ def preflight(spec: ExperimentSpec, replicas_here: bool, run: Path | None = None
     """Raise the first problem found; return quietly when everything checks out."""
     from sensray.models import check_weights, pick_device
 
-    if replicas_here:  # on a cluster the driver's node need not have the replicas' GPUs
+    # On a cluster (--address) the replicas' nodes, not the driver's, hold the GPUs and the corpus (in
+    # their caches): the replicas check those, and their errors cross Ray as the same one line.
+    if replicas_here:
         pick_device(spec.model)
+        check_data(spec)
     check_weights(spec.model)
-    check_data(spec)
     if run is None:
         check_creatable(Path(spec.output_dir) / spec.name, "output_dir", RUN_ID_LENGTH)
     else:

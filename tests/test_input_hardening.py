@@ -394,6 +394,17 @@ def test_the_dry_run_reads_and_tokenizes_the_corpus(spec, tmp_path, capsys, chan
           words=(f"{path}: " + words.format(dir=tmp_path),))
 
 
+def test_a_cluster_driver_leaves_the_corpus_to_the_replicas_nodes(spec, tmp_path):
+    """With --address the corpus (an hf: dataset in the workers' cache, say) need not be on the driver."""
+    from sensray.preflight import preflight
+    from sensray.spec import load_spec
+
+    missing = load_spec(spec(), [f"data.corpus={tmp_path}/only-on-the-workers.txt"])
+    preflight(missing, replicas_here=False)
+    with pytest.raises(SpecError, match="data.corpus: no such file"):
+        preflight(missing, replicas_here=True)
+
+
 def test_the_dry_run_checks_the_rungs_against_the_batches(spec, capsys):
     fails(capsys, 2, spec(SMALL + "early_stop: {{top_k: 2, rungs: [0.5]}}\n"), "--dry-run",
           words=("early_stop.rungs: rungs [0.5] need distinct batch boundaries before the last of the 1",))
