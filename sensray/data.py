@@ -36,19 +36,39 @@ def load_text(spec: DataSpec) -> str:
     if not path.is_file():
         raise SpecError("data.corpus", f"no such file {spec.corpus!r} (or use 'bundled' or 'hf:<dataset>[/<config>]')")
     if path.suffix == ".jsonl":
-        return "\n\n".join(_jsonl_texts(path, spec.text_field))
-    return path.read_text(encoding="utf-8")
+        text = "\n\n".join(_jsonl_texts(path, spec.text_field))
+    else:
+        text = read_text(path, "data.corpus")
+    if not text.strip():
+        raise SpecError("data.corpus", f"{path} is empty (no text to evaluate on)")
+    return text
+
+
+def read_text(path: Path, key: str) -> str:
+    """A text file as UTF-8; unreadable or undecodable is a SpecError naming the file and the byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SpecError(key, f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(key, f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                             "convert the corpus to UTF-8") from None
 
 
 def _jsonl_texts(path: Path, field: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "data.corpus").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise SpecError("data.corpus", f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise SpecError("data.corpus", f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise SpecError("data.text_field", f"{path}:{number}: no string field {field!r}")
         texts.append(record[field])

@@ -11,9 +11,25 @@ from typing import Callable
 
 
 class SensrayError(Exception):
-    """An error caused by the user's input or environment, with a message that says what to fix."""
+    """An error caused by the user's input or environment, with a message that says what to fix.
+
+    Every subclass pickles whole, whatever its constructor takes: a replica's error crosses Ray
+    to the driver and must arrive as the same type, message, exit code and attributes.
+    """
 
     exit_code = 1
+
+    def __reduce__(self):
+        # Exception's default pickles `cls(*self.args)`, which breaks for any subclass whose
+        # __init__ takes other arguments than its message (SpecError(path, message, source)).
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> SensrayError:
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class SpecError(SensrayError):
@@ -45,9 +61,16 @@ class RestoreError(SensrayError):
     """Weights after a trial differ from the weights before it: a correctness failure."""
 
 
-def run_cli(command: Callable[[], int], interrupted: str | None = None) -> int:
+def shorten(value: object, limit: int = 120) -> str:
+    """repr(value), cut short: a message about a 50,000-element list must still be one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_cli(command: Callable[[], int], interrupted: str | Callable[[], str] | None = None) -> int:
     """Run a command-line entry point: a `SensrayError` becomes one `error:` line on stderr and its
-    exit code; with `interrupted` (what Ctrl-C leaves behind), Ctrl-C exits 130 saying so."""
+    exit code; with `interrupted` (what Ctrl-C leaves behind, or a function that says it once the
+    interrupt came), Ctrl-C exits 130 saying so."""
     try:
         return command()
     except SensrayError as err:
@@ -56,5 +79,6 @@ def run_cli(command: Callable[[], int], interrupted: str | None = None) -> int:
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        said = interrupted() if callable(interrupted) else interrupted
+        print(f"\ninterrupted: {said}", file=sys.stderr)
         return 130

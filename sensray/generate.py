@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a finished run: its model, and with --trial one of its trials")
     parser.add_argument("--trial", metavar="TRIAL_ID",
                         help="trial id (or a unique prefix) from the run's trials.parquet")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the model (needed when its spec says trust_remote_code)")
     return parser
 
 
@@ -88,7 +90,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace):
     """(model spec, kind class or None, parsed params, a one-line description) from the arguments."""
-    from sensray.spec import ModelSpec
+    from sensray.spec import ModelSpec, check_remote_code
 
     if args.trial and not args.run:
         raise SpecError("--trial", "needs --run RUN_DIR (the run the trial belongs to)")
@@ -102,9 +104,11 @@ def _plan(args: argparse.Namespace):
         if args.model or args.dtype:
             raise SpecError("--run", "the model and dtype come from the run's spec.yaml; drop --model/--dtype")
         model_spec, kind_name, raw, about = trial_perturbation(args.run, args.trial)
+        check_remote_code(model_spec, args.trust_remote_code)
         model_spec = model_spec.model_copy(update=device)
     else:
-        model_spec = ModelSpec(name=args.model or "sensray-tiny", dtype=args.dtype or "float32", **device)
+        model_spec = ModelSpec(name=args.model or "sensray-tiny", dtype=args.dtype or "float32",
+                               trust_remote_code=args.trust_remote_code, **device)
         kind_name, raw = args.perturb, parse_params(args.param)
         about = f"{kind_name} " + " ".join(f"{k}={v}" for k, v in raw.items()) if kind_name else ""
     if not kind_name:

@@ -14,6 +14,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sensray.errors import SensrayError
@@ -40,6 +41,8 @@ ALIASES: dict[str, str] = {
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Where configs keep the longest sequence the model takes, by family (GPT-J/GPT-2 say n_positions).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def resolve_name(name: str) -> str:
@@ -109,9 +112,64 @@ def load_model(spec: ModelSpec, device: torch.device | None = None) -> nn.Module
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[spec.dtype], weights_only=True, **_hub_kwargs(spec)
         )
-    except (OSError, ValueError, pickle.UnpicklingError) as err:  # the last: a .bin holding more than tensors
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as err:  # a .bin holding more than
+        # tensors; a truncated or corrupt .safetensors
         raise SensrayError(f"model.name: cannot load {spec.name!r} ({source}): {_first_line(err)}") from None
     return model.to(device).eval()
+
+
+def context_length(config) -> tuple[str, int] | None:
+    """(config key, the longest sequence the model takes), or None for a family without a limit (ALiBi)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """A local checkpoint's weight files are there and their safetensors headers read, without loading them.
+
+    safe_open reads the header and checks that it covers the file exactly, so a truncated or
+    overwritten file fails here, in a second, instead of in every replica after the driver has
+    started. A Hub id is checked by the Hub client when the weights are fetched.
+    """
+    source = Path(resolve_name(spec.name))
+    if not source.is_dir():
+        return
+    shards = _listed_shards(source)
+    missing = [name for name in shards if not (source / name).is_file()]
+    if missing:
+        raise SensrayError(f"model.name: {source} is missing {missing[0]} (listed in its index; "
+                           f"{len(missing)} of {len(shards)} shards missing)")
+    files = sorted(source.glob("*.safetensors"))
+    if not files and not any(source.glob("*.bin")):
+        raise SensrayError(f"model.name: {source} has no weights (*.safetensors or *.bin)")
+    for path in files:
+        _check_safetensors(path)
+
+
+def _listed_shards(source: Path) -> list[str]:
+    import json
+
+    index = source / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SensrayError(f"model.name: {index}: not a readable shard index ({_first_line(err)})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            file.keys()
+    except (OSError, SafetensorError) as err:
+        raise SensrayError(f"model.name: {path}: not a readable safetensors file "
+                           f"({_first_line(err)}; truncated or corrupt? copy it again)") from None
 
 
 def load_tokenizer(spec: ModelSpec):

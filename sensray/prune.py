@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="alias (python -m sensray.sweep --list-models), HF id, or "
                                                        "local HF directory")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with --model (its own config/modeling files)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="load, prune and save in this dtype (default float32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -127,7 +129,8 @@ def _flag(param: str) -> str:
 def _model_spec(args: argparse.Namespace):
     from sensray.spec import ModelSpec
 
-    return ModelSpec(name=args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    return ModelSpec(name=args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                     trust_remote_code=args.trust_remote_code)
 
 
 def metadata(args: argparse.Namespace, model, params, before: str, after: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@
         trials.parquet   the table (polars), written atomically when the sweep ends
 
 The journal is what makes a crash lose at most the trials in flight: `--resume` reads it,
-skips every trial id already there, and the final table holds each trial exactly once.
+skips every trial id already there, and the final table holds each trial exactly once. A crash
+can cut only the last line short (every row is one write, fsynced): that line is dropped and its
+trial runs again. A bad line anywhere else is corruption, reported as file:line, never skipped.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from sensray.errors import SensrayError
-from sensray.spec import ExperimentSpec, validate
+from sensray.errors import SensrayError, SpecError
+from sensray.spec import ExperimentSpec, load_spec
 
 FIRST_COLUMNS = ("trial_id", "kind", "sample", "target")
 # What the trial changed, from its undo record (sensray/perturbations/edits.py), between the parameters and
@@ -45,7 +47,11 @@ class RunDir:
     @classmethod
     def create(cls, spec: ExperimentSpec) -> "RunDir":
         run = cls(Path(spec.output_dir) / spec.name / new_run_id())
-        run.path.mkdir(parents=True)
+        try:
+            run.path.mkdir(parents=True)
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+            raise SpecError("output_dir", f"cannot create the run directory {run.path}: "
+                                          f"{getattr(err, 'strerror', None) or err}") from None
         _atomic_write(run.path / "spec.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
         return run
 
@@ -56,8 +62,9 @@ class RunDir:
             raise SensrayError(f"{path} is not a sensray run directory (no spec.yaml)")
         return run
 
-    def spec(self) -> ExperimentSpec:
-        return validate(yaml.safe_load((self.path / "spec.yaml").read_text(encoding="utf-8")))
+    def spec(self, overrides: list[str] = ()) -> ExperimentSpec:
+        """The run's spec.yaml (with `--set` overrides applied); errors name the file."""
+        return load_spec(self.path / "spec.yaml", overrides)
 
     @property
     def journal(self) -> Path:
@@ -74,17 +81,22 @@ class RunDir:
         """Every finished trial so far (table and journal), each trial id once."""
         rows: dict[str, dict] = {}
         if self.table.is_file():
-            import polars as pl
-
-            rows.update((r["trial_id"], r) for r in pl.read_parquet(self.table).to_dicts())
+            rows.update((r["trial_id"], r) for r in self._table_rows())
         if self.journal.is_file():
-            for line in self.journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash: that trial simply runs again
-                rows[row["trial_id"]] = row
+            rows.update((r["trial_id"], r) for r in read_journal(self.journal))
         return list(rows.values())
+
+    def _table_rows(self) -> list[dict[str, Any]]:
+        import polars as pl
+
+        try:
+            table = pl.read_parquet(self.table)
+        except (OSError, pl.exceptions.PolarsError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SensrayError(f"{self.table}: not a readable Parquet table ({first})") from None
+        if "trial_id" not in table.columns:
+            raise SensrayError(f"{self.table}: has no trial_id column; not a sensray trial table")
+        return table.to_dicts()
 
     def finish(self, rows: Iterable[dict[str, Any]]) -> Path:
         """Write trials.parquet atomically, then drop the journal it supersedes."""
@@ -96,10 +108,59 @@ class RunDir:
         return self.table
 
 
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The journal's rows. Its last line, when a crash cut it short (no newline), is left out."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SensrayError(f"{path}: cannot read the journal: {err.strerror or err}") from None
+    *complete, _cut = data.split(b"\n")  # _cut: b"" unless the last write was cut short
+    rows = []
+    for number, line in enumerate(complete, start=1):
+        if line.strip():
+            rows.append(_journal_row(path, number, line))
+    return rows
+
+
+def _journal_row(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    fix = "fix or delete that line (its trial then runs again) and resume again"
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise SensrayError(f"{path}:{number}: corrupt journal line ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:80]}); {fix}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("trial_id"), str):
+        raise SensrayError(f"{path}:{number}: a journal line that is not a trial row (no trial_id); {fix}")
+    return row
+
+
+def drop_cut_line(path: Path) -> int:
+    """Truncate a journal after its last complete line, so new rows start on a line of their own;
+    returns how many bytes of a cut-short line were dropped (0: none)."""
+    if not path.is_file():
+        return 0
+    with open(path, "r+b") as file:
+        end = file.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:  # scan back, a block at a time, for the last newline
+            start = max(0, keep - 2**16)
+            file.seek(start)
+            block = file.read(keep - start)
+            if b"\n" in block:
+                keep = start + block.rindex(b"\n") + 1
+                break
+            keep = start
+        if keep < end:
+            file.truncate(keep)
+            os.fsync(file.fileno())
+        return end - keep
+
+
 class Journal:
     """Append-only JSON lines, fsynced per row: durable as soon as a trial finishes."""
 
     def __init__(self, path: Path):
+        self.dropped = drop_cut_line(path)  # a crash's half-written row: its trial reruns
         self.file = open(path, "a", encoding="utf-8")
 
     def append(self, row: dict[str, Any]) -> None:

@@ -13,6 +13,10 @@ not installed (the GPU machine); `to_tune()` gives the same space in Tune's obje
 
 Random draws use an RNG keyed by (spec seed, sample, grid index), so a trial's values do not
 depend on the order in which trials are generated or on the machine.
+
+The number of trials is computed from the axes' lengths before any trial is built, and a space
+larger than `max_trials` is an error, not a hang: a grid is a product, and products grow fast.
+Domain bounds must be finite numbers a generator can draw from (int64 for integer domains).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sensray.errors import SpecError
+from sensray.errors import SpecError, shorten
 from sensray.registry import Registry
+
+INT64 = (-(2**63), 2**63 - 1)  # what numpy's integer draws (and torch's seeds) can hold
 
 
 class Domain:
@@ -129,15 +135,25 @@ class Normal(Domain):
 
 def _bounds(arity: int, integer=False, log=False, quantized=False):
     def build(args: Any, path: str) -> Domain:
+        shape = "[low, high, q]" if quantized else "[low, high]"
         if not isinstance(args, list) or len(args) != arity or not all(_is_number(a) for a in args):
-            shape = "[low, high, q]" if quantized else "[low, high]"
-            raise SpecError(path, f"expects a list {shape} of numbers, got {args!r}")
+            raise SpecError(path, f"expects a list {shape} of numbers, got {shorten(args)}")
+        if integer and not all(isinstance(a, int) for a in args):
+            raise SpecError(path, f"expects a list {shape} of whole numbers (an integer domain), got {shorten(args)}")
+        if not all(_finite(a) for a in args):
+            raise SpecError(path, f"bounds must be finite numbers, got {shorten(args)}")
         low, high = args[0], args[1]
         if not low < high:
-            raise SpecError(path, f"low must be below high, got {args!r}")
+            raise SpecError(path, f"low must be below high, got {shorten(args)}")
+        if integer and not (INT64[0] <= low and high <= INT64[1]):
+            raise SpecError(path, f"bounds must fit in a 64-bit integer ({INT64[0]} .. {INT64[1]}), got {shorten(args)}")
+        if not integer and not _finite(high - low):
+            raise SpecError(path, f"the range {shorten(args)} is too wide to draw from (high - low overflows)")
         if log and low <= 0:
             raise SpecError(path, f"log domains need low > 0, got {low!r}")
         q = args[2] if quantized else None
+        if q is not None and q <= 0:
+            raise SpecError(path, f"q (the step) must be above 0, got {q!r}")
         return Numeric(low, high, q=q, log=log, integer=integer)
 
     return build
@@ -147,12 +163,19 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _finite(x: int | float) -> bool:
+    """Not NaN or infinite, and within float range (YAML ints are unbounded: 10**400 is one)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
 
 
 def _values(cls):
     def build(args: Any, path: str) -> Domain:
         if not isinstance(args, list) or not args:
-            raise SpecError(path, f"expects a non-empty list of values, got {args!r}")
+            raise SpecError(path, f"expects a non-empty list of values, got {shorten(args)}")
         return cls(tuple(args))
 
     return build
@@ -160,13 +183,14 @@ def _values(cls):
 
 def _each(args: Any, path: str) -> Domain:
     if not isinstance(args, str) or not args:
-        raise SpecError(path, f"expects a target pattern such as 'blocks.*', got {args!r}")
+        raise SpecError(path, f"expects a target pattern such as 'blocks.*', got {shorten(args)}")
     return Each(args)
 
 
 def _randn(args: Any, path: str) -> Domain:
-    if not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) for a in args) or args[1] <= 0:
-        raise SpecError(path, f"expects [mean, sd] with sd > 0, got {args!r}")
+    if (not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) and _finite(a) for a in args)
+            or args[1] <= 0):
+        raise SpecError(path, f"expects [mean, sd], finite numbers with sd > 0, got {shorten(args)}")
     return Normal(*args)
 
 
@@ -230,22 +254,23 @@ def expand(
     seed: int,
     each: Callable[[str, str], list[str]],
     auto_seed: bool,
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    max_trials: int | None = None,
 ) -> list[Trial]:
     """Every trial of the space, in a stable order.
 
     `each(pattern, path)` lists the components a pattern matches (it needs the model).
     `auto_seed`: the kind takes a `seed` the space leaves open, so each sample gets its own.
+    `canonical(params)`: the params as the kind reads them (`sigma: 1` and `sigma: 1.0` are one
+    trial), applied before hashing. `max_trials`: a larger space is a SpecError, raised before
+    any trial is built.
     """
-    axes = {}
-    for name, domain in domains.items():
-        if isinstance(domain, Each):
-            axes[name] = each(domain.pattern, f"space.{name}.each")
-        elif domain.grid:
-            axes[name] = list(domain.values)
+    axes = grid_axes(domains, each)
+    if max_trials is not None:
+        check_size(axes, num_samples, max_trials)
     trials, seen = [], {}
-    grid = list(itertools.product(*axes.values()))
     for sample in range(num_samples):
-        for index, point in enumerate(grid):
+        for index, point in enumerate(itertools.product(*axes.values())):
             rng = np.random.default_rng([seed, sample, index])
             chosen = dict(zip(axes, point))
             params = {
@@ -254,16 +279,39 @@ def expand(
             }
             if auto_seed:
                 params["seed"] = seed + sample
+            if canonical is not None:
+                params = canonical(params)
             tid = trial_id(kind, params)
             if tid in seen:
                 raise SpecError(
                     "space",
-                    f"trials {seen[tid]} and {len(trials)} are identical ({params}); "
+                    f"trials {seen[tid]} and {len(trials)} are identical ({shorten(params, 300)}); "
                     "num_samples > 1 needs a random domain or a seed that varies",
                 )
             seen[tid] = len(trials)
             trials.append(Trial(tid, kind, params, sample))
     return trials
+
+
+def grid_axes(domains: dict[str, Domain], each: Callable[[str, str], list[str]]) -> dict[str, list]:
+    """The grid's axes: each grid domain's values (`each`: the components its pattern matches)."""
+    axes = {}
+    for name, domain in domains.items():
+        if isinstance(domain, Each):
+            axes[name] = each(domain.pattern, f"space.{name}.each")
+        elif domain.grid:
+            axes[name] = list(domain.values)
+    return axes
+
+
+def check_size(axes: dict[str, list], repeats: int, max_trials: int) -> int:
+    """The number of trials (grid points x repeats), computed without building any; at most max_trials."""
+    count = math.prod(len(values) for values in axes.values()) * repeats
+    if count > max_trials:
+        factors = " x ".join([f"{name} {len(values)}" for name, values in axes.items()] + [f"num_samples {repeats}"])
+        raise SpecError("space", f"expands to {count:,} trials ({factors}), more than the limit of {max_trials:,}; "
+                                 "make the grid smaller, or raise the limit with --max-trials")
+    return count
 
 
 def _plain(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """Experiment specs: one YAML file describes one study.
 
-The file is parsed with `yaml.safe_load` into frozen pydantic models that reject unknown keys;
-every error names its key path (`model.dtype`, `space.bit.grid_search[2]`) and what was
-expected. CLI overrides (`--set data.seq_len=64`) are applied to the raw mapping first, so
-they pass through exactly the same validation.
+The file is parsed with sensray.safe_yaml (safe tags, bounded size, duplicate keys rejected) into
+frozen, strict pydantic models that reject unknown keys and never coerce (`seq_len: '128'` is an
+error, not a number); every error names its key path (`model.dtype`, `space.bit.grid_search[2]`)
+and what was expected. CLI overrides (`--set data.seq_len=64`) are applied to the raw mapping
+first, so they pass through exactly the same validation.
 
     name: bitflip
     model: {name: sensray-tiny, dtype: float32}
@@ -21,18 +22,26 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sensray.errors import SpecError
+from sensray import safe_yaml
+from sensray.errors import SpecError, shorten
 
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; anything near this is a mistake or an attack
+MAX_NAME = 100  # the name is a directory name: keep it well under any filesystem's limit
+MAX_SEED = 2**63 - 1  # seeds reach torch and numpy generators as int64
+BUILTIN_SEARCHERS = ("worst-case", "optuna", "hyperopt")
 
 
 class Frozen(BaseModel):
-    """Base of every spec model: immutable, strict about unknown keys."""
+    """Base of every spec model: immutable, strict about unknown keys and about types.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict: a quoted number is a string, never silently a number (it would become a string
+    column in the trial table, or another trial id than the number).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(Frozen):
@@ -129,20 +138,20 @@ class SearchSpec(Frozen):
     @field_validator("algorithm")
     @classmethod
     def _known_or_importable(cls, algorithm: str) -> str:
-        if algorithm not in ("worst-case", "optuna", "hyperopt") and not re.fullmatch(r"[\w.]+:\w+", algorithm):
+        if algorithm not in BUILTIN_SEARCHERS and not re.fullmatch(r"[\w.]+:\w+", algorithm):
             raise ValueError("expected worst-case, optuna, hyperopt, or module:Class (a ray.tune.search.Searcher)")
         return algorithm
 
 
 class ExperimentSpec(Frozen):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     description: str = ""
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     perturbation: str
     space: dict[str, Any]
     num_samples: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     output_dir: str = "results"
     resources: ResourcesSpec = ResourcesSpec()
     reuse: ReuseSpec = ReuseSpec()
@@ -170,6 +179,10 @@ class ExperimentSpec(Frozen):
     def _search_or_samples(self) -> "ExperimentSpec":
         if self.search is not None and self.num_samples != 1:
             raise ValueError("give search.num_trials or num_samples, not both (a search draws its own trials)")
+        trials = self.search.num_trials if self.search is not None else self.num_samples
+        if self.seed + trials > MAX_SEED + 1:  # trial n gets seed + n when the space leaves `seed` open
+            raise ValueError(f"seed {self.seed} + {trials} trials passes {MAX_SEED} (2^63 - 1), the largest seed "
+                             "a generator takes; use a smaller seed")
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -179,24 +192,30 @@ class ExperimentSpec(Frozen):
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
     """Read, override and validate a spec file; every failure is a `SpecError` naming the file."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SpecError("", f"cannot read spec: {err.strerror}", str(path)) from None
-    try:
-        return parse_spec(text, overrides)
+        return parse_spec(read_spec_text(path), overrides)
     except SpecError as err:
         raise err.located(str(path)) from None
 
 
-def parse_spec(text: str, overrides: list[str] = ()) -> ExperimentSpec:
+def read_spec_text(path: str | Path) -> str:
+    """A spec file's text: at most MAX_SPEC_BYTES of UTF-8."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError("", f"not valid YAML: {where}{getattr(err, 'problem', err)}") from None
+        with open(path, "rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError("", f"cannot read spec: {err.strerror or err}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError("", f"larger than {MAX_SPEC_BYTES // 2**10} KiB; a spec is a short YAML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError("", f"not UTF-8 text: byte 0x{data[err.start]:02x} on line {line} (save it as UTF-8)") from None
+
+
+def parse_spec(text: str, overrides: list[str] = ()) -> ExperimentSpec:
+    raw = safe_yaml.load(text)
     if not isinstance(raw, dict):
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
     for override in overrides:
@@ -225,9 +244,28 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise SpecError(".".join(parts[: depth + 1]), f"--set {key}: this key holds a value, not a mapping")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpecError(key, f"--set value {value!r} is not valid YAML") from None
+        node[parts[-1]] = safe_yaml.load(value)
+    except SpecError as err:
+        raise SpecError(key, f"--set value {shorten(value, 60)}: {err.message}") from None
+
+
+def check_permissions(spec: ExperimentSpec, trust_remote_code: bool, allow_searcher_import: bool) -> None:
+    """A spec file alone never runs code: the two keys that would need a command-line flag too."""
+    check_remote_code(spec.model, trust_remote_code)
+    algorithm = spec.search.algorithm if spec.search is not None else None
+    if algorithm is not None and algorithm not in BUILTIN_SEARCHERS and not allow_searcher_import:
+        module = algorithm.partition(":")[0]
+        raise SpecError("search.algorithm", f"{algorithm!r} imports the module {module!r}, which runs its code; "
+                        f"pass --allow-searcher-import to allow it (built in, no flag needed: "
+                        f"{', '.join(BUILTIN_SEARCHERS)})")
+
+
+def check_remote_code(model: ModelSpec, allowed: bool) -> None:
+    """`model.trust_remote_code: true` from a file is honoured only with --trust-remote-code on the command line."""
+    if model.trust_remote_code and not allowed:
+        raise SpecError("model.trust_remote_code", "true runs Python code shipped with the model (its config and "
+                        "modeling files) in this process and every replica; pass --trust-remote-code to allow it, "
+                        "for a model whose code you have read or trust")
 
 
 def key_path(loc: tuple) -> str:
@@ -252,4 +290,7 @@ def describe(error: dict) -> str:
         expected = error.get("ctx", {}).get("expected", "")
         return f"{value!r} is not allowed; expected one of {expected}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{message} (got {value!r})" if kind != "value_error" and not isinstance(value, dict) else message
+    if kind in ("int_type", "float_type", "bool_type") and isinstance(value, str):
+        return f"{message}, got the string {shorten(value)} (write numbers and booleans without quotes)"
+    return f"{message} (got {shorten(value)})" if kind != "value_error" and not isinstance(value, dict) else message
+

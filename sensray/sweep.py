@@ -6,11 +6,13 @@
     python -m sensray.sweep experiments/bitflip.yaml --dry-run            # validate, count trials
     python -m sensray.sweep experiments/noise.yaml --model pythia-70m --output-dir runs
     python -m sensray.sweep experiments/noise.yaml --set data.seq_len=64  # override any key
-    python -m sensray.sweep experiments/bitflip.yaml --resume results/bitflip/<run id>
+    python -m sensray.sweep --resume results/bitflip/<run id>            # finish an interrupted run
     python -m sensray.sweep --list-models | --list-perturbations
 
 The last line printed is the run directory. Invalid specs exit with status 2 and one message
-naming the file and key; nothing is written.
+naming the file and key; nothing is written. Before anything loads or is written, a sweep runs
+the same checks as --dry-run (sensray.preflight). A spec never runs code by itself: a model's
+own code and an imported searcher each need their flag.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import signal
 import sys
 import threading
 
+from pathlib import Path
+
 from sensray.errors import RestoreError, SensrayError, SpecError, run_cli
 from sensray.executors import EXECUTORS
-from sensray.plan import Plan, make_plan
-from sensray.spec import load_spec
+from sensray.plan import MAX_TRIALS, Plan, make_plan
+from sensray.spec import ExperimentSpec, check_permissions, load_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,69 +55,132 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the run to DIR/<name>/<run id> (default: the spec's output_dir, else results); "
                              "--set output_dir=DIR")
     parser.add_argument("--dry-run", action="store_true", help="validate, resolve targets, print the trial count")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: only trials not yet recorded")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: only trials not yet recorded "
+                                                            "(--set may change only resources.*)")
+    parser.add_argument("--max-trials", type=_count, default=MAX_TRIALS, metavar="N",
+                        help=f"refuse a space that expands to more trials (default {MAX_TRIALS:,})")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model.trust_remote_code: true (runs Python code shipped with the model)")
+    parser.add_argument("--allow-searcher-import", action="store_true",
+                        help="allow search.algorithm: module:Class (imports, so runs, that module)")
     parser.add_argument("--list-models", action="store_true", help="print the model aliases and exit")
     parser.add_argument("--list-perturbations", action="store_true", help="print the perturbation kinds and exit")
     return parser
 
 
+class Interrupted:
+    """What an interrupt (Ctrl-C, SIGTERM) leaves behind, said once it comes: the run directory, if any."""
+
+    def __init__(self) -> None:
+        self.run: Path | None = None
+
+    def __call__(self) -> str:
+        if self.run is None:
+            return "nothing was written (the sweep stopped before its run directory existed)"
+        return f"finished trials are in {self.run / 'trials.jsonl'}; finish with --resume {self.run}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupted = Interrupted()
 
     def command() -> int:
         with _terminate_as_interrupt():
-            return _dispatch(args)
+            return _dispatch(args, interrupted)
 
-    return run_cli(command, interrupted="finished trials are in the run's trials.jsonl; finish with --resume RUN_DIR")
+    return run_cli(command, interrupted=interrupted)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, interrupted: Interrupted) -> int:
     if args.list_models:
         return _list_models()
     if args.list_perturbations:
         return _list_perturbations()
     if not args.spec and not args.resume:
         raise SpecError("", "give an experiment spec (e.g. experiments/bitflip.yaml) or --resume RUN_DIR")
-    if args.resume:
-        return _resume(args)
-    plan = _planned(load_spec(args.spec, args.overrides), args.spec)
-    if args.dry_run:
-        print(describe(plan))
-        return 0
-    return _run(plan, run_dir=None, executor_name=args.executor, **_executor_options(args))
+    options = _executor_options(args)
+    run = _open_run(args.resume) if args.resume else None
+    spec, source = _spec(args, run)
+    with _attributed(source):
+        check_permissions(spec, args.trust_remote_code, args.allow_searcher_import)
+        plan = make_plan(spec, max_trials=args.max_trials)
+        if run is not None and run.table.is_file():  # finished: say so, run nothing, change nothing
+            print(describe(plan) + f"\n  resume: {run.path} is finished ({len(run.rows())} trials in its "
+                                   "trials.parquet); nothing to run", file=sys.stderr)
+            print(run.path)
+            return 0
+        todo, total = _checked_source(plan, run, replicas_here=args.executor == "local" or args.address is None)
+        if args.dry_run:
+            resumed = f"\n  resume: {total - len(todo)} done, {len(todo)} to run" if run is not None else ""
+            print(describe(plan) + resumed)
+            return 0
+        interrupted.run = run.path if run is not None else None
+        return _run(plan, run, args.executor, interrupted=interrupted, left=(todo, total), **options)
 
 
-def _resume(args: argparse.Namespace) -> int:
+def _checked_source(plan: Plan, run, replicas_here: bool):
+    """What is left to run (a list, or a search's feed: its searcher built, its options checked), after
+    every check that needs no weights (sensray.preflight): the same for a dry run and a real one."""
+    from sensray.executors.feed import trial_source
+    from sensray.preflight import preflight
+
+    todo, total = trial_source(plan, run.rows() if run is not None else [])
+    preflight(plan.spec, replicas_here, run=run.path if run is not None else None)
+    return todo, total
+
+
+def _open_run(path: str):
     from sensray.results import RunDir
 
-    run = RunDir.open(args.resume)
-    spec = run.spec()
-    if args.spec:
-        given = load_spec(args.spec, args.overrides).resolved()
-        # resources only place the trials (how many replicas, where): they may change between runs
-        changed = [k for k in given if k != "resources" and given[k] != spec.resolved().get(k)]
-        if changed:
-            raise SensrayError(f"--resume: {args.spec} differs from {run.path}/spec.yaml in {', '.join(changed)}")
-    plan = _planned(spec, run.path / "spec.yaml")
-    if args.dry_run:
-        done = {row["trial_id"] for row in run.rows()}
-        print(describe(plan) + f"\n  resume: {len(done)} done, {len(plan.trials) - len(done)} to run")
-        return 0
-    return _run(plan, run_dir=run, executor_name=args.executor, **_executor_options(args))
+    return RunDir.open(path)
 
 
-def _run(plan: Plan, run_dir, executor_name: str, **options) -> int:
+def _spec(args: argparse.Namespace, run) -> tuple[ExperimentSpec, Path]:
+    """The spec to run and the file it came from. Resuming, it is the run's own spec.yaml with any
+    --set (or a spec file) applied, and only `resources` may differ from what the run started with:
+    where the trials run may change, which trials and how they are measured may not."""
+    if run is None:
+        return load_spec(args.spec, args.overrides), Path(args.spec)
+    recorded = run.spec()
+    source = Path(args.spec) if args.spec else run.path / "spec.yaml"
+    given = load_spec(args.spec, args.overrides) if args.spec else run.spec(args.overrides)
+    before, after = recorded.resolved(), given.resolved()
+    changed = [key for key in after if key != "resources" and after[key] != before.get(key)]
+    if changed:
+        given_by = f"{args.spec}{' with --set' if args.overrides else ''}" if args.spec else "--set"
+        raise SpecError("--resume", f"{given_by} differs from {run.path / 'spec.yaml'} in {', '.join(changed)}; "
+                                    "a run resumes as it started (only resources.* may change)")
+    return given, source
+
+
+@contextlib.contextmanager
+def _attributed(source: Path):
+    """SpecErrors raised inside (plan, checks, replicas) name the spec file they come from."""
+    try:
+        yield
+    except SpecError as err:
+        if err.source is not None:
+            raise
+        raise err.located(str(source)) from None
+
+
+def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | None = None, left=None,
+         **options) -> int:
+    """Run what is `left` (todo, total: default, every trial not in run_dir yet) and write the run directory;
+    `interrupted` learns the run directory as soon as it exists. (sensray.superweights drives sweeps here too.)"""
     from sensray.executors import executor_for
     from sensray.executors.feed import table_rows, trial_source
     from sensray.progress import Progress
     from sensray.results import Journal, RunDir
 
     spec = plan.spec
-    todo, total = trial_source(plan, run_dir.rows() if run_dir else [])  # a list, or a search's feed
+    todo, total = left if left is not None else trial_source(plan, run_dir.rows() if run_dir else [])
+    interrupted = interrupted if interrupted is not None else Interrupted()
     executor = executor_for(executor_name, spec, **options)
     try:
         baseline = executor.start()  # loads model and data: any error here leaves nothing on disk
         run = run_dir or RunDir.create(spec)
+        interrupted.run = run.path
         print(f"{spec.name}: {total} trials ({len(todo)} to run) of {spec.perturbation} on "
               f"{spec.model.name} [{spec.model.dtype}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
               f"on {baseline['tokens']} tokens", file=sys.stderr)
@@ -123,6 +190,9 @@ def _run(plan: Plan, run_dir, executor_name: str, **options) -> int:
         progress = Progress(total=total, done=total - len(todo))
         progress.replicas = executor.replicas
         with Journal(run.journal) as journal:
+            if journal.dropped:
+                print(f"{run.journal}: its last line was cut short ({journal.dropped} bytes, a crash mid-write); "
+                      "that trial runs again", file=sys.stderr)
 
             def on_row(row: dict) -> None:
                 journal.append(row)
@@ -187,6 +257,12 @@ def default_executor() -> str:
     return "ray" if importlib.util.find_spec("ray") is not None else "local"
 
 
+def _count(value: str) -> int:
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+
+
 def _replicas(value: str) -> int | str:
     if value == "auto" or (value.isdigit() and int(value) >= 1):
         return value if value == "auto" else int(value)
@@ -211,14 +287,6 @@ def _executor_options(args: argparse.Namespace) -> dict:
     if options and args.executor != "ray":
         raise SensrayError(f"--{' and --'.join(options)}: only for --executor ray")
     return options
-
-
-def _planned(spec, source) -> Plan:
-    """make_plan, with its errors attributed to the spec file they come from."""
-    try:
-        return make_plan(spec)
-    except SpecError as err:
-        raise err.located(str(source)) from None
 
 
 def describe(plan: Plan) -> str:

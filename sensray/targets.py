@@ -10,7 +10,9 @@ A pattern is matched segment by segment against canonical names (see architectur
     model.layers.3.mlp.down_proj.weight   (a raw HF parameter name, or a glob over them)
 
 Components are tried first, then canonical tensor names, then raw parameter names. A pattern
-that selects nothing is an error that says what the model has instead.
+that selects nothing is an error that says what the model has instead. Layer ranges are kept as
+(low, high) pairs and checked against the model's depth, never enumerated, so a range such as
+`blocks.0-999999999` is an error in microseconds, not a billion-way regex.
 """
 
 from __future__ import annotations
@@ -42,34 +44,59 @@ class Selection:
         return {c.layer for c in self.components}
 
 
+# A layer segment: 3, 0-7 or 2,5,10-11 (numbers of at most 18 digits: int64, and int() stays cheap).
+RANGES = re.compile(r"\d{1,18}(-\d{1,18})?(,\d{1,18}(-\d{1,18})?)*")
+
+
+@dataclass(frozen=True)
+class _Matcher:
+    """A compiled pattern: a regex in which each layer-range segment captures its digits, which
+    are then checked against that segment's (low, high) ranges."""
+
+    regex: re.Pattern
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+
+    def match(self, name: str) -> bool:
+        found = self.regex.match(name)
+        if found is None:
+            return False
+        layers = [int(found.group(f"r{i}")) for i in range(len(self.ranges))]
+        return all(any(low <= layer <= high for low, high in ranges) for layer, ranges in zip(layers, self.ranges))
+
+
 @lru_cache(maxsize=256)
-def _compile(pattern: str) -> re.Pattern:
-    parts = []
+def _compile(pattern: str) -> _Matcher:
+    parts, ranges = [], []
     for segment in pattern.split("."):
         if segment == "**":
             parts.append(r"(?:[^.]+(?:\.[^.]+)*)")
-        elif re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", segment):
-            parts.append("(?:" + "|".join(str(i) for i in _indices(segment)) + ")")
+        elif RANGES.fullmatch(segment):
+            parts.append(rf"(?P<r{len(ranges)}>\d+)")
+            ranges.append(_ranges(pattern, segment))
         else:
             parts.append(fnmatch.translate(segment).removeprefix("(?s:").removesuffix(")\\Z").replace(".*", "[^.]*"))
-    return re.compile(r"\.".join(parts) + r"\Z")
+    return _Matcher(re.compile(r"\.".join(parts) + r"\Z"), tuple(ranges))
 
 
-def _indices(segment: str) -> list[int]:
+def _ranges(pattern: str, segment: str) -> tuple[tuple[int, int], ...]:
+    """'2,5-7' -> ((2, 2), (5, 7)); an empty range (7-5) is an error."""
     out = []
     for part in segment.split(","):
         low, _, high = part.partition("-")
-        out.extend(range(int(low), int(high or low) + 1))
-    return out
+        low, high = int(low), int(high or low)
+        if low > high:
+            raise TargetError(f"{pattern!r}: layer range {part} is empty (write low-high, the lower layer first)")
+        out.append((low, high))
+    return tuple(out)
 
 
 def _check_layers(pattern: str, depth: int) -> None:
     for segment in pattern.split(".")[1:2] if pattern.startswith("blocks.") else []:
-        if re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", segment):
-            past = [i for i in _indices(segment) if i >= depth]
+        if RANGES.fullmatch(segment):
+            past = [max(low, depth) for low, high in _ranges(pattern, segment) if high >= depth]
             if past:
                 raise TargetError(
-                    f"{pattern!r}: layer {past[0]} is past the model's depth ({depth} blocks: blocks.0-{depth - 1})"
+                    f"{pattern!r}: layer {min(past)} is past the model's depth ({depth} blocks: blocks.0-{depth - 1})"
                 )
 
 

@@ -188,7 +188,7 @@ def test_search_errors_exit_2_before_anything_runs(tiny, tmp_path, capsys, algor
         except ImportError:
             pass
     spec = write(tmp_path, tiny, **{"algorithm: worst-case": f"algorithm: {algorithm}", "{initial: 8}": "{}"})
-    assert main([str(spec), "--executor", "local"]) == 2
+    assert main([str(spec), "--executor", "local", "--allow-searcher-import"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: " in err and words in err
     assert not (tmp_path / "results").exists()

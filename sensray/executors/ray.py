@@ -21,15 +21,18 @@ the model, or a restore that does not verify, stops the sweep with the original 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sensray.errors import SensrayError
+from sensray.errors import SensrayError, SpecError
 from sensray.executors.actor import ReplicaActor, ReplicaFactory
 from sensray.executors.feed import StaticFeed
 from sensray.space import Trial
@@ -54,7 +57,9 @@ def loopback_only() -> None:
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join (address) or start (None) a Ray; True when this call started it and must stop it.
 
-    A local Ray binds every listener to 127.0.0.1 (see loopback_only).
+    A local Ray binds every listener to 127.0.0.1 (see loopback_only). The process keeps its
+    own signal handlers: ray.init replaces SIGTERM's with one that exits 15 mid-stack, which
+    would skip the sweep's orderly stop (replicas killed, journal closed, "interrupted" message).
     """
     if address is None:
         loopback_only()
@@ -63,20 +68,41 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():  # a notebook or test that set Ray up itself: use it, leave it running
         return False
     quiet = {"logging_level": logging.ERROR, "log_to_driver": True}
-    if address is None:
-        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
-                 object_store_memory=LOCAL_OBJECT_STORE, **quiet)
-    else:
-        ray.init(address=address, **quiet)
+    with _own_signal_handlers():
+        if address is None:
+            ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
+                     object_store_memory=LOCAL_OBJECT_STORE, **quiet)
+        else:
+            ray.init(address=address, **quiet)
     return True
+
+
+@contextlib.contextmanager
+def _own_signal_handlers():
+    """Put back the SIGTERM and SIGINT handlers that were in place before the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has (and may set) handlers
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def replica_count(cpus: float, gpus: float, replicas: Any, free: dict[str, float]) -> int:
     """`replicas` as asked, or with 'auto' as many as the free resources fit (at least one)."""
     if replicas != "auto":
         return int(replicas)
-    fits = [free.get("CPU", 0.0) / cpus] + ([free.get("GPU", 0.0) / gpus] if gpus else [])
-    return max(1, math.floor(min(fits) + 1e-9))
+    return max(1, fitting(cpus, gpus, free))
+
+
+def fitting(cpus: float, gpus: float, resources: dict[str, float]) -> int:
+    """How many replicas of cpus/gpus each these resources hold."""
+    fits = [resources.get("CPU", 0.0) / cpus] + ([resources.get("GPU", 0.0) / gpus] if gpus else [])
+    return math.floor(min(fits) + 1e-9)
 
 
 @dataclass(eq=False)
@@ -137,6 +163,7 @@ class RayExecutor:
         res = self.spec.resources
         self._check_feasible(ray.cluster_resources())
         self.target = replica_count(res.cpus, res.gpus, self.asked, ray.available_resources())
+        self._check_replicas_fit(ray.cluster_resources(), ray.available_resources())
         for _ in range(self.target):
             self._launch()
         while self.baseline is None:  # the first replica to load; the others join while trials run
@@ -276,9 +303,25 @@ class RayExecutor:
     def _check_feasible(self, total: dict[str, float]) -> None:
         res = self.spec.resources
         if self.address is None and (total.get("CPU", 0) < res.cpus or total.get("GPU", 0) < res.gpus):
-            raise SensrayError(
-                f"resources: one replica needs {res.cpus:g} CPU and {res.gpus:g} GPU, but this machine's Ray has "
+            raise SpecError(
+                "resources", f"one replica needs {res.cpus:g} CPU and {res.gpus:g} GPU, but this machine's Ray has "
                 f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU (set resources.cpus/gpus, or --address)")
+
+    def _check_replicas_fit(self, total: dict[str, float], free: dict[str, float]) -> None:
+        """More replicas than fit: on this machine's Ray an error (they would never start); on a
+        cluster a note (an autoscaler may add nodes, and the rest start as resources free up)."""
+        res = self.spec.resources
+        fit = fitting(res.cpus, res.gpus, total if self.address is None else free)
+        if self.target <= fit:
+            return
+        need = f"{self.target} replicas need {self.target * res.cpus:g} CPU" + (
+            f" and {self.target * res.gpus:g} GPU" if res.gpus else "")
+        if self.address is None:
+            have = f"{total.get('CPU', 0):g} CPU" + (f" and {total.get('GPU', 0):g} GPU" if res.gpus else "")
+            raise SpecError("resources.replicas", f"{need}; this machine's Ray has {have}, which fits {fit} "
+                                                  f"(--replicas {fit}, or lower resources.cpus/gpus)")
+        self.log(f"note: {need}; the cluster has room for {fit} now, the other {self.target - fit} wait for "
+                 "resources (an autoscaler may add nodes)")
 
     def _report_wait(self) -> None:
         import ray

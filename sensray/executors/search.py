@@ -31,6 +31,7 @@ import numpy as np
 
 from sensray.errors import SensrayError, SpecError
 from sensray.perturbations import PERTURBATIONS, ParamError
+from sensray.plan import canonical_params
 from sensray.space import Trial, _plain, parse_space, to_tune, trial_id
 from sensray.spec import ExperimentSpec
 from sensray.targets import TargetError, each
@@ -76,9 +77,13 @@ class SearchFeed:
             if config == "FINISHED":  # Searcher.FINISHED
                 self.exhausted = True
                 return None
-            params = {name: _plain(config[name]) for name in self.names}
+            proposed = {name: _plain(config[name]) for name in self.names}
             if self.auto_seed:
-                params["seed"] = self.spec.seed + self.count
+                proposed["seed"] = self.spec.seed + self.count
+            params = self._canonical(proposed)
+            if params is None:
+                self._complete(tune_id, proposed, None)
+                continue
             trial = Trial(trial_id(self.kind_name, params), self.kind_name, params, self.count)
             if trial.trial_id in self.tune_ids:  # proposed before: run once, answer from the table
                 self._complete(tune_id, params, self.results.get(trial.trial_id))
@@ -130,6 +135,14 @@ class SearchFeed:
             return each(self.model, pattern)
         except TargetError as err:
             raise SpecError(path, str(err)) from None
+
+    def _canonical(self, params: dict) -> dict | None:
+        """The params as the kind reads them (what the trial id hashes, as in a plan); None if it rejects them."""
+        try:
+            return canonical_params(self.kind, params)
+        except ParamError as err:
+            self.log(f"search: skipping a proposal the kind cannot take ({err}): {params}")
+            return None
 
     def _valid(self, params: dict) -> bool:
         try:

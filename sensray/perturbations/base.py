@@ -71,8 +71,26 @@ class Perturbation:
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> Params:
+        """Validate strictly: `sigma: '0.3'` (a string) or `count: 1.0` is an error, never coerced, and
+        every number must be finite and fit in 64 bits (what torch and numpy take)."""
+        import math
+
+        def out_of_range(value: Any) -> Any:  # the first NaN, infinite or beyond-int64 number in value
+            if isinstance(value, (list, tuple)):
+                return next((bad for item in value if (bad := out_of_range(item)) is not None), None)
+            if isinstance(value, float) and not math.isfinite(value):
+                return value
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                return value
+            return None
+
+        for name, value in params.items():
+            bad = out_of_range(value)
+            if bad is not None:
+                raise ParamError(name, f"{bad!r} is not a usable number: give a finite value within 64-bit "
+                                       f"range (-2^63 .. 2^63-1 for whole numbers)")
         try:
-            return cls.Params.model_validate(params)
+            return cls.Params.model_validate(params, strict=True)
         except ValidationError as err:
             first = err.errors()[0]
             param = str(first["loc"][0]) if first["loc"] else ""
@@ -81,6 +99,8 @@ class Perturbation:
                 message = f"unknown parameter for {cls.name} (parameters: {', '.join(cls.Params.model_fields)})"
             elif first["type"] == "missing":
                 message = f"{cls.name} needs this parameter"
+            elif first["type"] in ("int_type", "float_type", "bool_type") and isinstance(first.get("input"), str):
+                message = f"{message}, got the string {first['input']!r} (write numbers without quotes)"
             raise ParamError(param, message) from None
 
     @classmethod

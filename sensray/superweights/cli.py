@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="alias (python -m sensray.sweep --list-models), HF id, or local dir")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with --model (its own config/modeling files)")
     p.add_argument("--calibration", default="bundled-train", metavar="CORPUS",
                    help="text for discovery (default: bundled-train, the shipped model's training text); "
                         "hf: corpora use their train split")
@@ -120,7 +122,7 @@ class _Setup:
         if args.executor != "ray" and (args.address or args.replicas):
             raise SpecError("--address/--replicas", "only for --executor ray")
         self.thresholds = Thresholds(args.min_magnitude, args.min_ratio, args.min_share)
-        self.model = ModelSpec(name=args.model, dtype=args.dtype)
+        self.model = ModelSpec(name=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         self.meta = _usage(lambda: meta_model(self.model), "--model")
         _usage(lambda: _check_family(self.meta), "--model")
         self.tokenizer = _usage(lambda: _tokenizer(self.model), "--model")
