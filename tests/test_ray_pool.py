@@ -51,9 +51,6 @@ def test_replicas_that_keep_dying_without_finishing_a_trial_stop_the_sweep(tiny,
                for line in logs), logs
 
 
-@pytest.mark.xfail(strict=True, reason="executors/ray.py _cause/_first_line report the first line of Ray's "
-                   "ActorDiedError ('The actor died because of an error raised in its creation task, <ANSI escapes>"
-                   "ray::...'), never the constructor's own exception, which is only on the error's last line")
 def test_an_actor_that_cannot_be_constructed_stops_the_sweep_with_its_error(tiny, local_ray, tmp_path, monkeypatch):
     import sensray.executors.ray as pool
 

@@ -84,7 +84,7 @@ def test_randn_draws_normal_values_with_its_mean_and_sd():
 def test_randn_needs_a_mean_and_a_positive_sd(args):
     with pytest.raises(SpecError) as err:
         parse_space({"shift": {"randn": args}})
-    assert err.value.path == "space.shift.randn" and "expects [mean, sd] with sd > 0" in err.value.message
+    assert err.value.path == "space.shift.randn" and "expects [mean, sd], finite numbers with sd > 0" in err.value.message
 
 
 def test_auto_seed_gives_each_sample_its_own_seed():

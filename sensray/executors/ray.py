@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -353,9 +354,16 @@ def died_row(trial: Trial, replica_id: str, attempts: int, reason: str) -> dict:
 def _cause(err: Exception) -> Exception:
     """The exception raised inside the actor (RayTaskError.cause), else the Ray error itself."""
     if getattr(err, "actor_init_failed", False):
-        return SensrayError(f"a replica failed to start: {_first_line(err)}")
+        return SensrayError(f"a replica failed to start: {_constructor_error(err)}")
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, Exception) else err
+
+
+def _constructor_error(err: Exception) -> str:
+    """What an actor's constructor raised: Ray puts it on the last line of its (coloured) message, after a
+    first line that only says where the actor died."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _first_line(err: Exception) -> str:

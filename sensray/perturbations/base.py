@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,19 +74,8 @@ class Perturbation:
     def parse(cls, params: dict[str, Any]) -> Params:
         """Validate strictly: `sigma: '0.3'` (a string) or `count: 1.0` is an error, never coerced, and
         every number must be finite and fit in 64 bits (what torch and numpy take)."""
-        import math
-
-        def out_of_range(value: Any) -> Any:  # the first NaN, infinite or beyond-int64 number in value
-            if isinstance(value, (list, tuple)):
-                return next((bad for item in value if (bad := out_of_range(item)) is not None), None)
-            if isinstance(value, float) and not math.isfinite(value):
-                return value
-            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-                return value
-            return None
-
         for name, value in params.items():
-            bad = out_of_range(value)
+            bad = _unusable_number(value)
             if bad is not None:
                 raise ParamError(name, f"{bad!r} is not a usable number: give a finite value within 64-bit "
                                        f"range (-2^63 .. 2^63-1 for whole numbers)")
@@ -134,6 +124,17 @@ class Perturbation:
     def perturb(cls, model: nn.Module, params: Params, edits: Edits) -> None:
         """Change weights in place, handing each tensor or element to `edits` before writing it."""
         raise NotImplementedError
+
+
+def _unusable_number(value: Any) -> Any:
+    """The first NaN, infinite or beyond-int64 number in `value` (a number or nested lists), else None."""
+    if isinstance(value, (list, tuple)):
+        return next((bad for item in value if (bad := _unusable_number(item)) is not None), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return value
+    return None
 
 
 PERTURBATIONS: Registry[type[Perturbation]] = Registry("perturbation kind")
