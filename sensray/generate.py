@@ -25,8 +25,7 @@ import textwrap
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import yaml
-
+from sensray import safe_yaml
 from sensray.errors import RestoreError, SpecError, run_cli
 
 DEFAULT_PROMPT = "The for statement"
@@ -125,8 +124,8 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise SpecError("--param", f"expected KEY=VALUE (e.g. target=blocks.3), got {pair!r}")
         try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
+            out[key] = safe_yaml.load(value)
+        except SpecError:
             out[key] = value  # `target=*` is not valid YAML (an alias) but is a fine pattern
     return out
 

@@ -275,3 +275,18 @@ def _models(family, dtype):
     if (family, dtype) not in _MODELS:
         _MODELS[family, dtype] = tiny_model(family, dtype=dtype)
     return _MODELS[family, dtype]
+
+
+@pytest.mark.parametrize("params, param", [({"count": 10**12}, "count"), ({"rate": 1.0}, "rate")])
+def test_a_trial_of_more_flips_than_can_be_recorded_is_refused(params, param, monkeypatch):
+    """The limit (10^7 flips) scaled down to this tiny model's 3.2 million bits."""
+    import sensray.perturbations.bitflip as bitflip
+
+    monkeypatch.setattr(bitflip, "MAX_FLIPS", 1000)
+    MAX_FLIPS = 1000
+    model = tiny_model("llama")
+    kind = PERTURBATIONS.get("bitflip")
+    big = kind.parse({"target": "**", "field": "any", **params})
+    with pytest.raises(ParamError, match=f"flips per trial; at most {MAX_FLIPS:,}") as err:
+        kind.check(model, big)
+    assert err.value.param == param

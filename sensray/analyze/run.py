@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import yaml
 
-from sensray.errors import SensrayError
+from sensray import safe_yaml
+from sensray.errors import SensrayError, SpecError
 
 REQUIRED_COLUMNS = ("trial_id", "kind", "target", "delta_ppl", "ppl", "nonfinite", "seconds", "error")
 REQUIRED_BASELINE = ("model", "ppl", "nll", "tokens")
@@ -106,7 +106,7 @@ def read_spec(path: Path) -> dict[str, Any]:
     """The resolved spec as plain data; absent or unreadable, the report says less, nothing fails."""
     file = path / "spec.yaml"
     try:
-        spec = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        spec = safe_yaml.load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SpecError):
         return {}
     return spec if isinstance(spec, dict) else {}

@@ -44,6 +44,7 @@ for _layout in LAYOUTS.values():
     _layout["exponent_msb"] = (_layout["exponent"][-1],)
     _layout["any"] = tuple(range(len(_layout["mantissa"]) + len(_layout["exponent"]) + 1))
 
+MAX_FLIPS = 10_000_000  # per trial
 Field_ = Literal["sign", "exponent", "exponent_msb", "mantissa", "any"]
 
 
@@ -89,7 +90,20 @@ class Bitflip(Perturbation):
                 raise ParamError("bit", f"bit {params.bit} is past the width of {ref.name} ({dtype}: bits 0-{width - 1})")
         if params.coords is not None:
             cls._check_coords(model, params, refs)
+        cls._check_flips(model, params, refs)
         return selection
+
+    @classmethod
+    def _check_flips(cls, model, params, refs) -> None:
+        """At most MAX_FLIPS per trial: every flip is saved, described in the row, and drawn without
+        replacement (a rate of 1 on a 7B model would be 10^11 of them)."""
+        dtype = model.get_parameter(refs[0].param).dtype
+        slots = sum(ref.resolve(model).numel() for ref in refs) * len(bit_positions(dtype, params))
+        flips = slots * params.rate if params.rate is not None else min(params.count or 1, slots)
+        if flips > MAX_FLIPS:
+            what = f"rate {params.rate:g} of {slots:,} bits" if params.rate is not None else f"count {params.count:,}"
+            raise ParamError("rate" if params.rate is not None else "count",
+                             f"{what} is {flips:,.0f} flips per trial; at most {MAX_FLIPS:,}")
 
     @classmethod
     def _check_coords(cls, model, params, refs) -> None:
