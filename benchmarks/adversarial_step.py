@@ -7,7 +7,8 @@ A step of GCG (or HotFlip) on one attack is one forward and backward pass for th
 and one forward pass over `candidates` inputs of prompt + suffix + continuation tokens. This times
 both, separately, at each budget (suffix length), on a window of the shipped held-out text (24
 tokens of prompt, 16 of continuation: experiments/adversarial.yaml's shape), with random candidate
-suffixes; the median of `--repeats` runs. Candidates are evaluated in one batch (attack.batch_size
+suffixes; the median of `--repeats` runs, wall and CPU time (one thread: the CPU time is what a step
+costs when other processes share the cores). Candidates are evaluated in one batch (attack.batch_size
 at least the candidate count), as the shipped experiment does.
 """
 
@@ -20,14 +21,17 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of `fn`. On a shared machine the CPU time of this process (one thread) is
+    what the step costs; the wall time adds what other processes took from it."""
     fn()  # warm up: first-call allocations
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -45,23 +49,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = ModelSpec()
     model, tokenizer = load_model(spec), load_tokenizer(spec)
-    ids = tokenizer(BUNDLED_CORPUS.read_text(encoding="utf-8")).input_ids[:40]
+    ids = tokenizer(BUNDLED_CORPUS.read_text(encoding="utf-8")[:400]).input_ids[:40]
     generator = torch.Generator().manual_seed(0)
     print(f"sensray-tiny, {args.threads} torch thread(s); prompt 24 + suffix + continuation 16 tokens; "
           f"median of {args.repeats}\n")
-    print("| budget | candidates | tokens per step | gradient s | candidates s | step s | candidate tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| budget | candidates | tokens per step | gradient s | candidates s | step s (wall) | step s (CPU) | "
+          "candidate tokens per CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         problem = Problem(tuple(ids[:24]), (), (), tuple(ids[24:]), "nll")
         edit = torch.randint(1, 2048, (budget,), generator=generator)
         for count in args.candidates:
             scorer = Scorer(model, count)
             edits = torch.randint(1, 2048, (count, budget), generator=generator)
-            grad = timed(lambda: scorer.gradient(problem, edit), args.repeats)
-            cand = timed(lambda: scorer.losses(problem, edits), args.repeats)
+            grad, grad_cpu = timed(lambda: scorer.gradient(problem, edit), args.repeats)
+            cand, cand_cpu = timed(lambda: scorer.losses(problem, edits), args.repeats)
             tokens = count * (40 + budget)
             print(f"| {budget} | {count} | {tokens:,} | {grad:.3f} | {cand:.3f} | {grad + cand:.3f} | "
-                  f"{tokens / cand:,.0f} |")
+                  f"{grad_cpu + cand_cpu:.3f} | {tokens / cand_cpu:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
 @pytest.mark.slow
 def test_a_run_end_to_end_from_the_command_line(tiny, tmp_path, capsys):
     out = tmp_path / "results"
-    spec = write(tmp_path, spec_text(*tiny, out))
+    spec = write(tmp_path, spec_text(*tiny, out, {"steps": 30}))  # > 100 journal rows, `stop` set on the last
     code, stdout, stderr = run(capsys, spec)
     assert code == 0, stderr
     path = Path(stdout.strip().splitlines()[-1])
@@ -50,7 +50,7 @@ def test_a_run_end_to_end_from_the_command_line(tiny, tmp_path, capsys):
     assert all(len(ids) == b for ids, b in zip(attacks["ids"], attacks["budget"]))
     assert (attacks["nll"] >= attacks["start_nll"]).all()  # the search never ends below where it started
     steps = pl.read_parquet(path / "steps.parquet")
-    assert steps.group_by("attack").agg(pl.col("step").max())["step"].to_list() == [4] * 4
+    assert steps.height == 4 * 31 and steps.filter(pl.col("step") == 30)["stop"].to_list() == ["steps"] * 4
     summary = json.loads((path / "summary.json").read_text())
     assert [b["budget"] for b in summary["budgets"]] == [1, 3] and "budget" in stderr and "continuations" in stderr
     assert (path / "continuations.md").read_text().count("adversarial input") == 4
@@ -61,6 +61,11 @@ def test_a_run_end_to_end_from_the_command_line(tiny, tmp_path, capsys):
 
     code, stdout, stderr = run(capsys, "--resume", path)  # finished: nothing runs, nothing changes
     assert code == 0 and stdout.strip() == str(path)
+    code, stdout, stderr = run(capsys, "--resume", path, "--transfer", tiny[0])  # the same weights, as an export
+    assert code == 0 and stdout.strip() == str(path) and "baseline (undamaged)" in stderr
+    table = pl.read_parquet(path / "transfer.parquet")
+    assert table.height == 8 and (table["delta_ppl"] == 1.0).all() and set(table["source_kind"]) == {"baseline",
+                                                                                                       "model"}
 
 
 def assert_fails(capsys, tmp_path, *args, key: str, words: tuple[str, ...] = ()) -> None:

@@ -173,7 +173,7 @@ def transfer(attack_dir: str | Path, sources: list[str], trials: str = "top:5", 
     if not run.table.is_file():
         raise SensrayError(f"{attack_dir}: the search has not finished (no attacks.parquet); --resume it first")
     spec = run.spec()
-    plan = make_attack_plan(spec)
+    plan = make_attack_plan(spec, cases=run.cases())  # the inputs as attacked, whatever the files say now
     conditions = plan_transfer(spec, sources, trials, plan.meta, _tokenizer(spec))
     done = {r["condition"] for r in run.transfer_rows()}
     todo = [c for c in conditions if c.condition not in done]

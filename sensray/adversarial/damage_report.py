@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from sensray.adversarial import report
 from sensray.analyze.figures import palette, plain_log_ticks, save
+from sensray.errors import SensrayError
 
 CONDITION = ["condition", "source_kind", "source", "trial_id", "kind", "params", "run_delta_ppl", "ppl", "delta_ppl"]
 MARKERS = {"baseline": "*", "trial": "o", "model": "s"}
@@ -46,8 +47,10 @@ def write_transfer(run, spec) -> Path:
     """transfer.parquet, its summary and figure from the journal; returns transfer.parquet's path."""
     conditions = run.transfer_rows()
     failed = [c for c in conditions if c["error"] is not None]
-    frame = pl.DataFrame(transfer_rows(conditions, spec), schema_overrides={"trial_id": pl.String, "kind": pl.String,
-                                                                            "params": pl.String})
+    if len(failed) == len(conditions):
+        raise SensrayError(f"{run.transfer_journal}: every weight condition failed ({failed[0]['error']})")
+    frame = pl.DataFrame(transfer_rows(conditions, spec), infer_schema_length=None,
+                         schema_overrides={"trial_id": pl.String, "kind": pl.String, "params": pl.String})
     summary = report.rates(frame, CONDITION + ["budget"]).sort("delta_ppl", "budget")
     path = run.write_table("transfer", frame)
     run.write_table("transfer-summary", summary)

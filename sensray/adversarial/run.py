@@ -139,8 +139,9 @@ def finish(run: AttackRun, spec: AdversarialSpec, rows: list[dict]) -> None:
     from sensray.analyze.figures import save
     from sensray.results import _atomic_write
 
-    attacks = pl.DataFrame(rows)
-    steps = pl.DataFrame(run.rows())
+    # Every row decides a column's type: `stop` is null until an attack's last step.
+    attacks = pl.DataFrame(rows, infer_schema_length=None)
+    steps = pl.DataFrame(run.rows(), infer_schema_length=None)
     table = report.budget_table(attacks)
     run.write_table("steps", steps)
     run.write_table("budgets", table)
