@@ -56,6 +56,27 @@ def test_gradient_is_the_one_hot_gradient(model, objective):
     assert torch.allclose(scorer.gradient(problem, edit), expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_neo", "gptj", "opt", "bloom", "gpt_neox", "falcon"])
+def test_every_family_gives_the_one_hot_gradient_and_exact_losses(family):
+    """Each supported family's embedding path (positions added, an embedding norm, a projection) and its
+    logits_to_keep: the gradient is the literal one-hot gradient, and a loss equals the full forward's."""
+    from sensray.testing import tiny_model
+
+    model = tiny_model(family, seed=0).eval()
+    problem = Problem((5, 6, 7, 8), (), (), (9, 10, 11), "nll")
+    edit = torch.tensor([20, 30])
+    weight = model.get_input_embeddings().weight.detach()
+    onehot = torch.nn.functional.one_hot(edit, weight.shape[0]).float().requires_grad_()
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor(problem.head)), onehot @ weight, embed(torch.tensor(problem.target))])
+    logits = model(inputs_embeds=embeds[None]).logits[0, -4:-1].log_softmax(-1)
+    loss = logits.gather(-1, torch.tensor(problem.target)[:, None]).mean()  # minus the NLL: objective nll
+    (expected,) = torch.autograd.grad(loss, onehot)
+    scorer = Scorer(model, 8)
+    assert torch.allclose(scorer.gradient(problem, edit), expected, rtol=1e-4, atol=1e-6)
+    assert float(scorer.losses(problem, edit[None])[0]) == pytest.approx(loss.detach().item(), rel=1e-5)
+
+
 def test_gradient_predicts_the_change_along_a_swap(model):
     """Central differences along e_p + t (E[v] - E[cur]) agree with grad[p, v] - grad[p, cur] (a float64 copy;
     the model's float32 norms bound how small a step still resolves)."""
