@@ -47,6 +47,7 @@ command("generate", "sensray.generate", "text from a model, as it is and perturb
 command("prune", "sensray.prune", "prune a model, save it as a Hugging Face directory")
 command("superweights", "sensray.superweights.cli", "find a model's super weights and verify them")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
+command("adversarial", "sensray.adversarial.cli", "input edits that mislead a model (GCG, HotFlip), on damaged weights too")
 
 
 def build_parser(prog: str = "sensray") -> argparse.ArgumentParser:

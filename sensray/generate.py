@@ -5,6 +5,7 @@
     python -m sensray.generate --perturb bitflip --param target=blocks.3 --param field=exponent_msb \\
         --param seed=1 --prompt "The for statement"
     python -m sensray.generate --run results/bitflip/<run id> --trial <trial_id> --prompt "..."
+    python -m sensray.generate --adversarial results/adversarial/<run id> [--model data/tiny-wanda50]
 
 Decoding is greedy, so the same model, prompt and perturbation always give the same text.
 With a perturbation the unperturbed and perturbed continuations are printed side by side (one
@@ -12,7 +13,9 @@ after the other on a narrow terminal); then the weights are restored and verifie
 and the whole model's checksum is compared with the one taken before. `--param` values are
 parsed as YAML (`seed=1` is an int, `coords=[[0, 3]]` a list). `--trial` re-applies a trial of a
 finished run exactly: trials are deterministic given their parameters, so the same elements
-flip (or the same noise is drawn) as in the sweep.
+flip (or the same noise is drawn) as in the sweep. `--adversarial` continues each input of a
+finished `sensray adversarial` run, clean and attacked (its token ids as found), on its model
+or on another one with the same tokenizer (`--model`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a finished run: its model, and with --trial one of its trials")
     parser.add_argument("--trial", metavar="TRIAL_ID",
                         help="trial id (or a unique prefix) from the run's trials.parquet")
+    parser.add_argument("--adversarial", metavar="RUN_DIR",
+                        help="a finished `sensray adversarial` run: every attack's clean vs adversarial continuation")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code shipped with the model (needed when its spec says trust_remote_code)")
     return parser
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.adversarial:
+        return _adversarial(args)
     model_spec, kind, params, about = _plan(args)
     from sensray.models import load_model, load_tokenizer, pick_device
 
@@ -84,6 +91,38 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(f"prompt: {args.prompt!r}\nperturbation: {about}\nchanged:\n{textwrap.indent(report['changed'], '  ')}\n")
     print(compare_texts("unperturbed", clean, "perturbed", damaged, _width()))
     print(f"\n{report['restored']}")
+    return 0
+
+
+def _adversarial(args: argparse.Namespace) -> int:
+    """Each attack of an adversarial run: the model's continuation of the clean and of the attacked input."""
+    import polars as pl
+
+    from sensray.adversarial.attack import problem_of
+    from sensray.adversarial.objective import prompt
+    from sensray.adversarial.store import AttackRun
+    from sensray.models import load_model, load_tokenizer, pick_device
+    from sensray.spec import check_remote_code
+
+    if args.run or args.perturb or args.param:
+        raise SpecError("--adversarial", "shows an adversarial run's inputs; drop --run/--trial/--perturb/--param")
+    run = AttackRun.open(args.adversarial)
+    if not run.table.is_file():
+        raise SpecError("--adversarial", f"{run.path} has no attacks.parquet: the attack has not finished")
+    spec, cases = run.spec(), {c.index: c for c in run.cases()}
+    model_spec = spec.model.model_copy(update={k: v for k, v in (("name", args.model), ("dtype", args.dtype),
+                                                                 ("device", args.device)) if v})
+    check_remote_code(model_spec, args.trust_remote_code)
+    model, tokenizer = load_model(model_spec, pick_device(model_spec)), load_tokenizer(model_spec)
+    if args.model and tokenizer.get_vocab() != load_tokenizer(spec.model).get_vocab():
+        raise SpecError("--model", f"{args.model} has another tokenizer than {spec.model.name}, which was attacked")
+    for r in pl.read_parquet(run.table).iter_rows(named=True):
+        problem = problem_of(cases[r["case"]], spec)
+        clean, attacked = (greedy(model, tokenizer, prompt(problem, edit), args.max_new_tokens, args.ignore_eos)
+                           for edit in (problem.clean, r["ids"]))
+        print(f"case {r['case']} ({r['source']}), budget {r['budget']} on {model_spec.name}\n"
+              f"prompt: {r['prompt']!r}\nadversarial edit: {r['text']!r}\n")
+        print(compare_texts("clean input", clean, "adversarial input", attacked, _width()) + "\n")
     return 0
 
 
@@ -228,15 +267,21 @@ def perturbed(model, kind, params) -> Iterator[dict[str, str]]:
         report["restored"] = f"weights restored and verified bit-exact (model checksum {before} before and after)"
 
 
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int, ignore_eos: bool = False) -> str:
-    """The greedy continuation of `prompt` (no sampling: deterministic), decoded without the prompt.
-    With `ignore_eos`, exactly `max_new_tokens` tokens, none of them end-of-text, special ones shown."""
+def greedy(model, tokenizer, prompt: str | list[int], max_new_tokens: int, ignore_eos: bool = False) -> str:
+    """The greedy continuation of `prompt` (text, or token ids taken as they are; no sampling: deterministic),
+    decoded without the prompt. With `ignore_eos`, exactly `max_new_tokens` tokens, none of them end-of-text,
+    special ones shown."""
     import torch
     from transformers import GenerationConfig
 
-    encoded = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    # Some tokenizers add token_type_ids, which decoder-only models reject.
-    batch = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
+    device = next(model.parameters()).device
+    if isinstance(prompt, str):
+        encoded = tokenizer(prompt, return_tensors="pt").to(device)
+        # Some tokenizers add token_type_ids, which decoder-only models reject.
+        batch = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
+    else:  # ids: an adversarial input is its tokens; its text may encode to others
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # A fresh config: the model's own may ask for sampling (temperature, top_p), which greedy must not inherit.

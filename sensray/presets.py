@@ -20,20 +20,22 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 class Analysis:
     preset: str | None  # experiments/<preset>.yaml; None: sensray cannot run it yet
     summary: str
+    command: str = "sweep"  # the sensray command that runs the preset
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")
 
 
-def analysis(name: str, preset: str | None, summary: str = "not available yet") -> None:
-    ANALYSES.register(name)(Analysis(preset, summary))
+def analysis(name: str, preset: str | None, summary: str = "not available yet", command: str = "sweep") -> None:
+    ANALYSES.register(name)(Analysis(preset, summary, command))
 
 
 analysis("sensitivity", "ablation", "what each projection contributes: each zeroed, then mean-ablated, alone")
 analysis("robustness", "noise", "relative gaussian noise per projection kind, over sigmas 0.01..1")
 analysis("bit-level", "bitflip", "one flipped bit per trial, per block and IEEE bit field")
 analysis("pruning", "prune", "magnitude and wanda pruning of every block, per matrix and per row, 0..90%")
-analysis("adversarial", None)
+analysis("adversarial", "adversarial", "GCG token suffixes that raise the true continuation's NLL, budgets 1..20",
+         command="adversarial")
 analysis("integrated", None)
 analysis("evaluate", None)
 analysis("fine-tuning", None)

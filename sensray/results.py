@@ -108,8 +108,9 @@ class RunDir:
         return self.table
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The journal's rows. Its last line, when a crash cut it short (no newline), is left out."""
+def read_journal(path: Path, key: str = "trial_id") -> list[dict[str, Any]]:
+    """The journal's rows, each identified by a string `key`. Its last line, when a crash cut it short (no
+    newline), is left out."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -118,19 +119,21 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(complete, start=1):
         if line.strip():
-            rows.append(_journal_row(path, number, line))
+            rows.append(_journal_row(path, number, line, key))
     return rows
 
 
-def _journal_row(path: Path, number: int, line: bytes) -> dict[str, Any]:
+def _journal_row(path: Path, number: int, line: bytes, key: str = "trial_id") -> dict[str, Any]:
     fix = "fix or delete that line (its trial then runs again) and resume again"
     try:
         row = json.loads(line)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise SensrayError(f"{path}:{number}: corrupt journal line ({type(err).__name__}: "
                            f"{str(err).splitlines()[0][:80]}); {fix}") from None
-    if not isinstance(row, dict) or not isinstance(row.get("trial_id"), str):
-        raise SensrayError(f"{path}:{number}: a journal line that is not a trial row (no trial_id); {fix}")
+    if not isinstance(row, dict) or not isinstance(row.get(key), str):
+        noun = key.removesuffix("_id")
+        raise SensrayError(f"{path}:{number}: a journal line that is not {'an' if noun[0] in 'aeiou' else 'a'} "
+                           f"{noun} row (no {key}); {fix}")
     return row
 
 

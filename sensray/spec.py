@@ -190,10 +190,11 @@ class ExperimentSpec(Frozen):
         return self.model_dump(mode="json")
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
-    """Read, override and validate a spec file; every failure is a `SpecError` naming the file."""
+def load_spec(path: str | Path, overrides: list[str] = (), model: type[Frozen] | None = None) -> ExperimentSpec:
+    """Read, override and validate a spec file (as `model`, default ExperimentSpec); every failure is a
+    `SpecError` naming the file."""
     try:
-        return parse_spec(read_spec_text(path), overrides)
+        return parse_spec(read_spec_text(path), overrides, model)
     except SpecError as err:
         raise err.located(str(path)) from None
 
@@ -214,18 +215,19 @@ def read_spec_text(path: str | Path) -> str:
         raise SpecError("", f"not UTF-8 text: byte 0x{data[err.start]:02x} on line {line} (save it as UTF-8)") from None
 
 
-def parse_spec(text: str, overrides: list[str] = ()) -> ExperimentSpec:
+def parse_spec(text: str, overrides: list[str] = (), model: type[Frozen] | None = None) -> ExperimentSpec:
     raw = safe_yaml.load(text)
     if not isinstance(raw, dict):
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate(raw)
+    return validate(raw, model)
 
 
-def validate(raw: dict[str, Any]) -> ExperimentSpec:
+def validate(raw: dict[str, Any], model: type[Frozen] | None = None) -> ExperimentSpec:
+    """`raw` as a frozen `model` (default ExperimentSpec; sensray.adversarial passes its own spec model)."""
     try:
-        return ExperimentSpec.model_validate(raw)
+        return (model or ExperimentSpec).model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         raise SpecError(key_path(first["loc"]), describe(first)) from None
