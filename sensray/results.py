@@ -32,7 +32,8 @@ FIRST_COLUMNS = ("trial_id", "kind", "sample", "target")
 # the metrics. Flat columns hold the common single-tensor / single-element case, to group on directly;
 # `changes` lists every changed element, `tensors` every touched tensor (or hooked module).
 PROVENANCE = ("tensor", "index", "flipped_bit", "old", "new", "elements_changed", "changes", "bit_counts", "tensors")
-LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seconds", "replica", "error")
+LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seq_nll", "seconds", "replica",
+                "error")
 
 
 def new_run_id() -> str:
@@ -207,7 +208,7 @@ def column_types() -> dict[str, Any]:
         "new": pl.Float64, "elements_changed": pl.Int64, "changes": pl.List(change),
         "bit_counts": pl.List(pl.Struct({"bit": pl.Int64, "count": pl.Int64})), "tensors": pl.List(touched),
         **dict.fromkeys(("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "seconds"), pl.Float64),
-        "nonfinite": pl.Boolean, "error": pl.String, "replica": pl.String,
+        "nonfinite": pl.Boolean, "seq_nll": pl.List(pl.Float64), "error": pl.String, "replica": pl.String,
     }
 
 
