@@ -58,7 +58,7 @@ def test_report_md_says_what_was_run_and_answers_the_question(analysed):
     assert sorted(links) == ["bitflip-bits.png", "bitflip-distribution.png", "bitflip-heatmap.png",
                              "bitflip-matrices.png"]
     assert "| flip | n | × baseline (95% CI) | q25–q75 | worst | ppl | top-1 agree | KL | catastrophic |" in md
-    assert "| sign | 16 | 1.00 (1.00–1.00) |" in md and "*Per field (or bit) asked for. Sorted in IEEE order.*" in md
+    assert "| sign | 16 | 1.00 (1.00–1.00) |" in md and "**Per field asked for**\n\n| flip |" in md and "*Sorted in IEEE order.*" in md
     assert "All 64 trials, sortable and filterable: `report.html`" in md
 
 
@@ -116,7 +116,9 @@ def test_each_kind_answers_its_question():
     assert "**The components that matter most**, by ppl / baseline: with `zero` ablation, `blocks.0.mlp.down` " \
            "non-finite (top-1 95.00%), `lm_head` ×3.00 (top-1 20.00%)" in ablation
     prune = "\n".join(analyse(load_run(_run("prune", prune_table()))).findings)
-    assert "**Which criterion keeps the model best: `wanda (row)`** reaches the highest sparsity under 2× (0.5" in prune
+    assert ("**How far, and which criterion keeps the model best**: 2 of 4 methods reach sparsity 0.5 under 2× the "
+            "baseline perplexity; there, from best to worst: `wanda (row)` ×1.65 (95% CI") in prune
+    assert "Lowest perplexity per sparsity above 0: `wanda (row)` at 0.2, 0.4, 0.5, 0.6, 0.8." in prune
     assert "Highest sparsity under 2× the baseline perplexity, per method: `wanda (row)` 0.5" in prune
     assert "Achieved sparsity (zeros in the pruned matrices after each trial) is within 0.1 percentage points" in prune
 
@@ -214,3 +216,25 @@ def test_runs_that_share_nothing(tmp_path, capsys):
         compare.joined([load_run(a), load_run(b)])
     assert main([str(a), str(b)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --- what a run records for its report's reproducibility header ---
+
+
+def test_baseline_json_records_versions_and_the_command_a_resume_keeps(tmp_path, monkeypatch):
+    import json as json_
+
+    from sensray.results import RunDir, command_line, git_commit, versions
+
+    run = RunDir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/sensray", "sweep", "experiments/bitflip.yaml", "--set", "x=a b"])
+    assert command_line() == "sensray sweep experiments/bitflip.yaml --set 'x=a b'"
+    run.write_baseline({"ppl": 1.0})
+    monkeypatch.setattr("sys.argv", ["/venv/bin/sensray", "sweep", "--resume", str(tmp_path)])
+    run.write_baseline({"ppl": 1.0, "checksum_after_sweep": "abc"})  # the end of a resumed run
+    baseline = json_.loads((tmp_path / "baseline.json").read_text())
+    assert baseline["command"] == "sensray sweep experiments/bitflip.yaml --set 'x=a b'"  # what was run
+    found = versions()
+    assert {"sensray", "python", "torch", "transformers", "numpy", "polars"} <= set(found)
+    assert baseline["versions"].keys() == found.keys()
+    assert git_commit(tmp_path) is None  # not a checkout of sensray: no commit claimed

@@ -82,7 +82,7 @@ def _one(run, args: argparse.Namespace, formats: tuple[str, ...], log: "Progress
     for title, table in analysis.tables():
         more = f" (first {args.top} of {len(table.rows)} rows)" if len(table.rows) > args.top else ""
         shown = replace(table, rows=table.rows[:args.top])
-        print(f"\n{title}{more}\n" + text_table(shown))
+        print(f"\n{title}{': ' + table.title if table.title else ''}{more}\n" + text_table(shown))
     if not args.no_write:
         import matplotlib
 

@@ -36,7 +36,7 @@ def components(ctx: Context) -> Section | None:
     t = _modes(tables.annotate(ctx.trials))
     ranked = tables.summarize(t, ["target", "mode"], ctx.threshold, ctx.seq)
     kinds = tables.summarize(t, ["module", "mode"], ctx.threshold).sort(tables.module_order(), "mode")
-    blocks = [Table.plain(_by_kind(kinds), note=(
+    blocks = [Table.plain(_by_kind(kinds), title="Per module kind and mode", labels=1, note=(
         "Median over layers of ppl / baseline, and in parentheses of top-1 agreement, per module kind and mode; "
         "rows in model order."))]
     fig = ablation_heatmaps(t, ctx.baseline_ppl, ctx.threshold, ctx.ceiling, ctx.caption_context)
@@ -45,7 +45,7 @@ def components(ctx: Context) -> Section | None:
             "ppl / baseline of every ablated component (log colour scale), layer by module kind, one panel per "
             "mode; under each ratio, top-1 agreement with the unperturbed model." + _hatched(t), "ablation-grid", fig))
     more = f" (top {SHOWN} of {len(ranked)}; every trial is in the table of all trials)" if len(ranked) > SHOWN else ""
-    blocks.append(Table.of(ranked, SHOWN, note=summary_note(ctx) + more))
+    blocks.append(Table.of(ranked, SHOWN, title="The costliest components", note=summary_note(ctx) + more))
     return Section("components", "Which components matter", blocks, answers=_answers(ranked, kinds, t),
                    data={"components": ranked, "per_module_kind_and_mode": kinds},
                    replaces=frozenset({"layers", "modules"}))
@@ -96,16 +96,18 @@ def ablation_heatmaps(t: pl.DataFrame, baseline_ppl: float, threshold: float, ce
     stats = tables.summarize(t, ["mode", "layer", "module"], threshold)
     modes = [m for m in MODES if m in stats["mode"].to_list()]
     layers = sorted(stats["layer"].unique().to_list())
-    modules = sorted(stats["module"].unique().to_list(), key=tables.module_rank)
     norm = ratio_norm(stats["median"].to_numpy(), threshold, ceiling)
     fig = Figure(figsize=(WIDTH, 1.0 + len(modes) * (0.9 + 0.42 * len(layers))), layout="constrained")
     axes = fig.subplots(len(modes), 1, squeeze=False)[:, 0]
     for ax, mode in zip(axes, modes):
+        part = stats.filter(pl.col("mode") == mode)
+        modules = sorted(part["module"].unique().to_list(), key=tables.module_rank)  # skip: only `block`
         values = np.full((len(layers), len(modules)), np.nan)
         text = np.full(values.shape, "", dtype=object)
-        for r in stats.filter(pl.col("mode") == mode).iter_rows(named=True):
+        for r in part.iter_rows(named=True):
             i, j = layers.index(r["layer"]), modules.index(r["module"])
-            values[i, j], text[i, j] = r["median"], f"×{fmt.sig(r['median'])}\n{fmt.agreement(r['top1'])}"
+            ratio = f"×{fmt.sig(r['median'])}" if np.isfinite(r["median"]) else "non-finite"
+            values[i, j], text[i, j] = r["median"], f"{ratio}\n{fmt.agreement(r['top1'])}"
         image = heatmap(ax, values, text, [str(layer) for layer in layers], modules, norm, "magma_r")
         ax.set_title(f"mode = {mode}", fontsize=TEXT + 1, loc="left")
         ax.set_ylabel("decoder block (layer)", fontsize=TEXT)

@@ -67,7 +67,7 @@ def breaking(ctx: Context) -> Section | None:
         return None
     points = break_points(ctx.trials, x, ctx.threshold, ctx.seq)
     curves = tables.summarize(ctx.trials, ["module", x], ctx.threshold, ctx.seq).sort(tables.module_order(), x)
-    blocks = [Table.plain(_display(points, x), note=(
+    blocks = [Table.plain(_display(points, x), title="Break points per module kind", labels=1, note=(
         f"Per module kind, fragile first (by the {x} at which it breaks, then at which top-1 agreement falls "
         f"below {AGREEMENT:.0%}). ≈ baseline up to: the largest {x} whose median ppl / baseline has a 95% CI "
         f"including 1; breaks at: the first {x} whose median exceeds {ctx.threshold:g}× the baseline; –: never "
@@ -75,7 +75,7 @@ def breaking(ctx: Context) -> Section | None:
     plot = dose_curves(ctx.trials, ctx.baseline_ppl, x, ctx.threshold, ctx.ceiling, ctx.seq, ctx.caption_context)
     if plot is not None:
         blocks.append(FigureBlock(plot.caption, f"{ctx.kind}-{x}-curves", plot.fig))
-    blocks.append(Table.of(curves, note="Per module kind and " + x + ". " + summary_note(ctx, f"by module kind, then {x}")))
+    blocks.append(Table.of(curves, title=f"Per module kind and {x}", note=summary_note(ctx, f"by module kind, then {x}")))
     return Section("breaking", "Where each module kind breaks", blocks, answers=_answers(points, x, ctx),
                    data={"break_points": points, "per_module_and_dose": curves}, replaces=frozenset({"modules"}))
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from sensray.analyze import tables
-from sensray.changes import describe
+from sensray.changes import tensor
 
 if TYPE_CHECKING:
     from sensray.analyze.stats import Sequences
@@ -60,16 +60,20 @@ def _provenance(t: pl.DataFrame) -> list[tuple[str, str, str, list]]:
     if achieved is not None:
         out.append(("achieved", "achieved sparsity", "pct", achieved.to_list()))
     if "tensors" in t.columns:
-        rows = t.select("tensors").to_dicts()
-        out.append(("changed", "what changed", "str",
-                    [None if r["tensors"] is None else _tensors_text(r) for r in rows]))
+        touched = t["tensors"].to_list()
+        out.append(("tensors", "tensors", "int", [None if x is None else len(x) for x in touched]))
+        if max((len(x) for x in touched if x), default=0) == 1:  # one tensor each: say what happened to it
+            out.append(("changed", "what changed", "str", [None if not x else tensor(x[0]) for x in touched]))
+        else:
+            out.append(("rel_norm", "|dW|/|W|", "num", [_rel_norm(x) for x in touched]))
     return out
 
 
-def _tensors_text(row: dict) -> str:
-    lines = describe(row, limit=1)
-    more = len(row["tensors"]) - 1
-    return lines[0] + (f" (+{more} more tensor{'s' * (more != 1)})" if more > 0 else "") if lines else ""
+def _rel_norm(touched: list[dict] | None) -> float | None:
+    """The size of the change over every touched tensor together: sqrt(sum |dW|^2 / sum |W|^2) needs the
+    norms themselves, which rows do not keep, so the numel-weighted mean of the per-tensor ratios."""
+    pairs = [(x["rel_norm"], x["numel"]) for x in touched or [] if x.get("rel_norm") is not None and x["numel"]]
+    return sum(r * n for r, n in pairs) / sum(n for _, n in pairs) if pairs else None
 
 
 def _metrics(t: pl.DataFrame, seq: "Sequences | None") -> list[tuple[str, str, str, list]]:

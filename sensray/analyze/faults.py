@@ -85,15 +85,16 @@ def fields(ctx: Context) -> Section | None:
     asked = tables.by_flip(ctx.trials, ctx.threshold, ctx.seq) if ctx.kind == "bitflip" else pl.DataFrame()
     if asked.is_empty():
         return None
-    blocks = [Table.of(asked, note="Per field (or bit) asked for. " + summary_note(ctx, "in IEEE order"))]
+    blocks = [Table.of(asked, title="Per field asked for", note=summary_note(ctx, "in IEEE order"))]
     data, answers = {"by_field_asked": asked}, [_asked_answer(asked)]
     if _applies(ctx):
         dtype = ctx.run.baseline.get("dtype", "float32")
         t = classify(ctx.trials, dtype)
         separated = _by_fault(ctx, t)
         blocks = [Para(_overlap(t, dtype) or "Each trial flips one bit of the field it asks for."), *blocks,
-                  Table.of(separated, note="Per IEEE field of the bit that actually flipped (the exponent's most "
-                                           "significant bit apart). " + summary_note(ctx, "in IEEE order"))]
+                  Table.of(separated, title="Per field of the bit that actually flipped",
+                           note="The exponent's most significant bit apart from the other exponent bits. "
+                                + summary_note(ctx, "in IEEE order"))]
         data["by_field_flipped"] = separated
         answers = [_catastrophic_bits(ctx, separated), _overlap(t, dtype), _agreement(ctx, t)]
     plot = flip_heatmap(ctx.trials, ctx.baseline_ppl, ctx.threshold, ctx.ceiling, ctx.caption_context)
@@ -148,7 +149,7 @@ def matrices(ctx: Context) -> Section | None:
                "catastrophic share; rows in model order.")
     return Section("matrices", "Matrices hit", [
         FigureBlock(caption, "bitflip-matrices", fig),
-        Table.of(per_matrix, note="Per matrix hit, every field together. " + summary_note(ctx, "in model order")),
+        Table.of(per_matrix, title="Per matrix hit, every field together", note=summary_note(ctx, "in model order")),
     ], answers=[_matrix_answer(stats, cols)], data={"by_matrix_and_field": stats, "by_matrix": per_matrix})
 
 

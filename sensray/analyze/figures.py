@@ -222,7 +222,8 @@ def flip_heatmap(trials: pl.DataFrame, baseline_ppl: float, threshold: float = C
     for r in stats.iter_rows(named=True):
         i, j = rows.index(r["target"]), cols.index(r["flip"])
         median[i, j] = r["median"]
-        text[i, j] = f"×{fmt.sig(r['median'])}\n{r['catastrophic']}/{r['n']}"
+        ratio = f"×{fmt.sig(r['median'])}" if np.isfinite(r["median"]) else "non-finite"
+        text[i, j] = f"{ratio}\n{r['catastrophic']}/{r['n']}"
     norm = ratio_norm(median, threshold, ceiling)
     fig = Figure(figsize=(WIDTH, min(2.4 + 0.5 * len(rows), 24)), layout="constrained")
     ax = fig.add_subplot()

@@ -55,11 +55,11 @@ def layers_and_modules(ctx: Context) -> Section | None:
     modules = tables.by_module(ctx.trials, ctx.threshold, ctx.seq)
     blocks, data = [], {}
     if len(layers) > 1:
-        blocks.append(Table.of(layers.sort("layer"), note="Per decoder layer of the target. "
-                               + summary_note(ctx, "in layer order")))
+        blocks.append(Table.of(layers.sort("layer"), title="Per decoder layer of the target",
+                               note=summary_note(ctx, "in layer order")))
         data["per_layer"] = layers
     if len(modules) > 1:
-        blocks.append(Table.of(modules, note="Per module kind of the target pattern. " + summary_note(ctx)))
+        blocks.append(Table.of(modules, title="Per module kind of the target pattern", note=summary_note(ctx)))
         data["per_module_kind"] = modules
     return Section("layers", "Per layer and module kind", blocks, data=data) if blocks else None
 

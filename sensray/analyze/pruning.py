@@ -96,14 +96,16 @@ def methods(ctx: Context) -> Section | None:
         return None
     best = limits(ctx.trials, ctx.threshold)
     blocks = [
-        Table.plain(_limits_display(best, ctx.threshold), note=(
+        Table.plain(_limits_display(best, ctx.threshold), title=f"Highest sparsity under {ctx.threshold:g}× per method",
+                    labels=1, note=(
             f"Per method, best first: the highest sparsity whose median ppl / baseline stays at or under "
             f"{ctx.threshold:g}× (every lower sparsity too), with its ppl, top-1 agreement and achieved sparsity, "
             f"and the next sparsity run (the first over). Method: criterion (scope over which weights compete).")),
-        Table.plain(grid(ctx.trials, "ppl", fmt.ppl), note=(
+        Table.plain(grid(ctx.trials, "ppl", fmt.ppl), title="Perplexity, methods × sparsity", labels=0, note=(
             "Perplexity (median over the trials of each cell) per sparsity asked for and method; achieved: the share "
             "of zeros in the pruned matrices after the trial, from their provenance.")),
-        Table.plain(grid(ctx.trials, "top1_agreement", fmt.agreement), note=(
+        Table.plain(grid(ctx.trials, "top1_agreement", fmt.agreement), title="Top-1 agreement, methods × sparsity",
+                    labels=0, note=(
             "Top-1 agreement with the unperturbed model per sparsity and method: the share of positions whose "
             "most likely next token is unchanged.")),
     ]
@@ -112,7 +114,7 @@ def methods(ctx: Context) -> Section | None:
         blocks.append(FigureBlock(plot.caption, "prune-sparsity", plot.fig))
     per_cell = tables.rank_targets(ctx.trials, ctx.threshold, ctx.seq)
     blocks.append(Table.of(per_cell.sort([c for c in ("method", "scope", "sparsity", "pattern")
-                                          if c in per_cell.columns]),
+                                          if c in per_cell.columns]), title="Every condition, with its intervals",
                            note=summary_note(ctx, "by method, scope and sparsity")))
     return Section("methods", "Methods and sparsity", blocks, answers=_answers(ctx, best), replaces=frozenset({"top"}),
                    data={"limits": best, "ppl_grid": grid(ctx.trials, "ppl", fmt.ppl),
@@ -135,25 +137,65 @@ def _limits_display(best: pl.DataFrame, threshold: float) -> pl.DataFrame:
 def _answers(ctx: Context, best: pl.DataFrame) -> list[str]:
     if best.is_empty():
         return []
-    out = [_criterion(ctx, best), _under(best, ctx.threshold), _agreement_gap(ctx), _achieved_sentence(ctx)]
+    same = best["highest"].n_unique() == 1  # then the first answer already gives every method's ratio there
+    out = [*_criterion(ctx, best), "" if same else _under(best, ctx.threshold), _agreement_gap(ctx),
+           _achieved_sentence(ctx)]
     return [s for s in out if s]
 
 
-def _criterion(ctx: Context, best: pl.DataFrame) -> str:
+def _criterion(ctx: Context, best: pl.DataFrame) -> list[str]:
+    """How far the model can be pruned under the threshold, and which method keeps it best there (with
+    the paired comparisons that say whether the best is told apart from its rivals), then per sparsity."""
+    lead = best.row(0, named=True)
+    if lead["highest"] is None:
+        return [f"**No method stays under {ctx.threshold:g}× the baseline at any pruned sparsity.**"]
+    reach = best.filter(pl.col("highest") == lead["highest"])
+    t = conditions(ctx.trials).filter(pl.col("nm").is_null())
+    at = tables.summarize(t.filter(pl.col("x") == lead["highest"]), ["label"], ctx.threshold, ctx.seq).sort("median")
+    who = ("every method reaches" if len(reach) == len(best) else
+           f"{len(reach)} of {len(best)} methods reach" if len(reach) > 1 else f"only `{lead['method']}` reaches")
+    ranked = ", ".join(f"`{r['label']}` {fmt.times(r['median'])}" + _ci(r) for r in at.iter_rows(named=True))
+    text = (f"**How far, and which criterion keeps the model best**: {who} sparsity {fmt.cell(lead['highest'])} "
+            f"under {ctx.threshold:g}× the baseline perplexity; there, from best to worst: {ranked}.")
+    labels = at["label"].to_list()
+    rivals = labels[1:2] + [r for r in labels[2:] if _criterion_of(r) != _criterion_of(labels[0])][:1]
+    if _criterion_of(labels[1] if len(labels) > 1 else labels[0]) != _criterion_of(labels[0]):
+        rivals = labels[1:2]  # the runner-up already uses another criterion
+    paired = " ".join(_best_two(ctx, t.filter(pl.col("x") == lead["highest"]), labels[0], r) for r in rivals)
+    return [text, paired.strip(), _winners(t)]
+
+
+def _criterion_of(label: str) -> str:
+    return label.split(" (")[0]
+
+
+def _best_two(ctx: Context, t: pl.DataFrame, first: str, second: str) -> str:
+    """The best method against the runner-up, paired on the same eval sequences."""
+    paired = ctx.seq.versus(t.filter(pl.col("label") == first), t.filter(pl.col("label") == second)) \
+        if ctx.seq is not None else None
+    if paired is None:
+        return ""
+    ratio, low, high = paired
+    verdict = ("cannot be told apart on this eval text" if low <= 1 <= high else
+               "differ beyond the eval text's noise")
+    return (f"`{first}` against `{second}` at that sparsity, paired on the same eval sequences: ×{fmt.sig(ratio)} "
+            f"(95% CI {fmt.span(low, high)}): they {verdict}.")
+
+
+def _ci(row: dict) -> str:
+    return f" (95% CI {fmt.span(row['median_low'], row['median_high'])})" if row.get("median_low") is not None else ""
+
+
+def _winners(t: pl.DataFrame) -> str:
     """Which method has the lowest median perplexity at each pruned sparsity, and how often."""
-    t = conditions(ctx.trials).filter(pl.col("nm").is_null() & (pl.col("x") > 0))
-    medians = t.group_by("x", "label").agg(pl.col("delta_ppl").median().alias("median"))
+    medians = t.filter(pl.col("x") > 0).group_by("x", "label").agg(pl.col("delta_ppl").median().alias("median"))
     winners = medians.sort("median", "label").group_by("x", maintain_order=False).first().sort("x")
     if winners.is_empty():
         return ""
-    counts = winners.group_by("label").agg(pl.len(), pl.col("x").min().alias("from")).sort("len", descending=True)
-    top = counts.row(0, named=True)
-    lead = best.row(0, named=True)
-    return (f"**Which criterion keeps the model best: `{lead['method']}`** reaches the highest sparsity under "
-            f"{ctx.threshold:g}× ({fmt.cell(lead['highest'])}, {fmt.times(lead['median'])}); the lowest perplexity at "
-            f"each sparsity is `{top['label']}`'s at {top['len']} of the {len(winners)} sparsities above 0"
-            + ("" if len(counts) == 1 else " (then " + ", ".join(
-                f"`{r['label']}` {r['len']}" for r in counts.slice(1).iter_rows(named=True)) + ")") + ".")
+    counts = winners.group_by("label").agg(pl.len(), pl.col("x").sort().alias("at")).sort("len", "label",
+                                                                                           descending=[True, False])
+    return ("Lowest perplexity per sparsity above 0: " + ", ".join(
+        f"`{r['label']}` at {', '.join(fmt.cell(x) for x in r['at'])}" for r in counts.iter_rows(named=True)) + ".")
 
 
 def _under(best: pl.DataFrame, threshold: float) -> str:

@@ -31,14 +31,15 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     numeric: list[bool]
-    note: str = ""  # under the table: what the columns mean, how the rows are sorted
+    note: str = ""  # under the table: what the rows are, how they are sorted
+    title: str = ""  # above the table, when a section has several
 
     @classmethod
-    def of(cls, summary: pl.DataFrame, limit: int | None = None, note: str = "") -> "Table":
+    def of(cls, summary: pl.DataFrame, limit: int | None = None, note: str = "", title: str = "") -> "Table":
         """A tables.py summary as display strings; a table of single trials (no `median`) shows each
         trial's metrics through TRIAL_FORMATS."""
         if "median" not in summary.columns:
-            return cls.plain(summary if limit is None else summary.head(limit), TRIAL_FORMATS, note)
+            return cls.plain(summary if limit is None else summary.head(limit), TRIAL_FORMATS, note, title)
         keys = [c for c in summary.columns if c not in STATS]
         if "kind" in keys and summary["kind"].n_unique() == 1 and len(keys) > 1:
             keys.remove("kind")  # one kind per run: the column would repeat it on every line
@@ -46,15 +47,18 @@ class Table:
         headers = [*keys, *[h for name, h in _COLUMNS if name in shown]]
         rows = [[cell(r[k]) for k in keys] + [f(r) for name, f in _CELLS if name in shown]
                 for r in (summary if limit is None else summary.head(limit)).iter_rows(named=True)]
-        return cls(headers, rows, [False] * len(keys) + [True] * (len(headers) - len(keys)), note)
+        return cls(headers, rows, [False] * len(keys) + [True] * (len(headers) - len(keys)), note, title)
 
     @classmethod
-    def plain(cls, frame: pl.DataFrame, formats: dict[str, Any] | None = None, note: str = "") -> "Table":
-        """Any DataFrame, each column through `formats[column]` (default: `cell`)."""
+    def plain(cls, frame: pl.DataFrame, formats: dict[str, Any] | None = None, note: str = "",
+              title: str = "", labels: int | None = None) -> "Table":
+        """Any DataFrame, each column through `formats[column]` (default: `cell`); numbers align right, and
+        with `labels`, every column after the first `labels` does too (numbers already written as text)."""
         formats = formats or {}
         rows = [[formats.get(c, cell)(r[c]) for c in frame.columns] for r in frame.iter_rows(named=True)]
-        numeric = [frame[c].dtype.is_numeric() for c in frame.columns]
-        return cls(list(frame.columns), rows, numeric, note)
+        numeric = [frame[c].dtype.is_numeric() or (labels is not None and i >= labels)
+                   for i, c in enumerate(frame.columns)]
+        return cls(list(frame.columns), rows, numeric, note, title)
 
 
 def _has(summary: pl.DataFrame, column: str) -> bool:
@@ -87,7 +91,8 @@ _COLUMNS = (
 
 def _median_cell(r: dict) -> str:
     low, high = _interval(r)
-    return fmt.ratio(r["median"], low, high) + (f" ({fmt.span(low, high)})" if low is not None else "")
+    shown = low is not None and r["median"] is not None and r["median"] != float("inf")
+    return fmt.ratio(r["median"], low, high) + (f" ({fmt.span(low, high)})" if shown else "")
 
 
 def _catastrophic_cell(r: dict) -> str:
@@ -192,7 +197,8 @@ def markdown(doc: Document, base: Path) -> str:
         elif isinstance(b, Code):
             out += ["```", b.text.rstrip("\n"), "```", ""]
         elif isinstance(b, Table):
-            out += _markdown_table(b) + [""] + ([f"*{b.note}*", ""] if b.note else [])
+            out += ([f"**{b.title}**", ""] if b.title else []) + _markdown_table(b) + [""]
+            out += [f"*{b.note}*", ""] if b.note else []
         elif isinstance(b, Figure) and b.path is not None:
             out += [f"![{b.caption}]({b.path.relative_to(base).as_posix()})", "", f"*{b.caption}*", ""]
         elif isinstance(b, Explorer):
@@ -217,6 +223,7 @@ h1{font-size:1.6em;overflow-wrap:anywhere}h2{margin-top:1.6em;border-bottom:1px 
 table{border-collapse:collapse;font-size:13px}th,td{padding:.2em .6em;border-bottom:1px solid #ddd}
 th{text-align:left;background:#f4f4f4}th,td{white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums}p.note{color:#555;font-size:13px;margin:.2em 0 1.2em}
+p.title{font-weight:600;margin:1em 0 .2em}
 img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{color:#555;font-size:13px}
 code,pre{background:#f4f4f4;border-radius:3px}code{overflow-wrap:anywhere}
 pre{padding:.6em;white-space:pre-wrap;overflow-wrap:anywhere}.nw{white-space:nowrap}
@@ -276,7 +283,8 @@ def _html_table(t: Table) -> str:
 
     rows = "".join(f"<tr>{row(r)}</tr>" for r in t.rows)
     note = f'<p class="note">{_inline(t.note)}</p>' if t.note else ""
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>{note}'
+    title = f'<p class="title">{_inline(t.title)}</p>' if t.title else ""
+    return f'{title}<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>{note}'
 
 
 def _html_figure(f: Figure) -> str:

@@ -101,6 +101,19 @@ class Sequences:
         return pl.DataFrame(rows, schema=schema).fill_nan(None)
 
 
+    def versus(self, a: pl.DataFrame, b: pl.DataFrame) -> tuple[float, float, float] | None:
+        """Trial `a` against trial `b` on the same resampled sequences: the ratio ppl_a / ppl_b and its 95%
+        interval (paired, so much narrower than the two trials' own intervals); None unless each is one
+        finished trial with its per-sequence NLLs."""
+        if len(a) != 1 or len(b) != 1:
+            return None
+        matrix = self.matrix(pl.concat([a.select("seq_nll", "nonfinite"), b.select("seq_nll", "nonfinite")]))
+        if not np.isfinite(matrix).all():
+            return None
+        diff = (matrix[0] - matrix[1]) @ self.weights.T
+        return math.exp(matrix[0].mean() - matrix[1].mean()), *_quantiles(np.exp(diff))
+
+
 _CELL = ("median_low", "median_high", "ppl_low", "ppl_high")
 
 
