@@ -99,11 +99,12 @@ def test_summary_json_is_strict_json_with_every_metric(analysed):
 
 def test_the_bitflip_reading_separates_overlapping_fields():
     text = "\n".join(analyse(load_run(_run("bitflip", bitflip_table()))).findings)
-    assert "`exponent MSB` (bit 30) 16 of 20 (80.0%, 95% CI 58.4%–91.9%)" in text
-    assert "`mantissa` (bits 0–22) 0 of 16, worst ×1.00" in text
+    assert "`exponent MSB` (bit 30): 16 of 20 (80.0%, 95% CI 58.4%–91.9%)" in text
+    assert "`mantissa` (bits 0–22): 0 of 16 (95% CI 0%–19.4%), worst ×1.00" in text
     assert "`exponent` overlaps `exponent_msb`: it draws one of bits 23–30" in text
     assert "so 4 of its 16 trials flipped bit 30" in text
-    assert "By the weight matrix actually hit: `exponent MSB` flips were catastrophic in" in text
+    assert "By the weight matrix the flip actually landed in: `exponent MSB` flips were catastrophic whenever they hit " \
+           "`attn.k` (4/4), `attn.v` (4/4), `attn.o` (4/4); in some of the flips that hit `attn.q` (4/8)." in text
     assert "Top-1 agreement moves where perplexity cannot" in text
 
 
@@ -111,7 +112,8 @@ def test_each_kind_answers_its_question():
     noise = "\n".join(analyse(load_run(_run("noise", noise_table()))).findings)
     assert "**Where each module kind breaks** (median perplexity above 2× the baseline), most fragile first: " \
            "`mlp.down` at sigma 0.3" in noise
-    assert "Never breaking up to the largest sigma run (1): `attn.q`" in noise and "1 trial failed" in noise
+    assert "Never breaking (median perplexity above 2× the baseline) up to the largest sigma run (1); there, most " \
+           "damaged first: `attn.q` ×1.52" in noise and "1 trial failed" in noise
     ablation = "\n".join(analyse(load_run(_run("ablation", ablation_table()))).findings)
     assert "**The components that matter most**, by ppl / baseline: with `zero` ablation, `blocks.0.mlp.down` " \
            "non-finite (top-1 95.00%), `lm_head` ×3.00 (top-1 20.00%)" in ablation

@@ -182,14 +182,21 @@ def _patterns(ax, part: pl.DataFrame, colour, label: str | None) -> bool:
 
 
 def _ratio_axis(ax, t: pl.DataFrame, threshold: float, ceiling: float | None) -> None:
-    """Log y from the lowest trial to the worst: the baseline, the threshold, the ceiling when in reach."""
+    """Log y from the lowest trial to the worst, with the baseline; the threshold and the ceiling when some
+    trial comes near them (else the legend says the threshold is above the panel: the data keep the room)."""
     finite = t.filter(pl.col("delta_ppl").is_finite())["delta_ppl"].to_numpy()
-    low = min(finite.min() if finite.size else 1.0, 1.0) / 1.05
-    high = max(finite.max() if finite.size else 1.0, threshold) * 1.6
+    worst = finite.max() if finite.size else 1.0
+    near = worst >= threshold / 1.25  # else the threshold would squeeze every curve into the bottom third
+    low = min(finite.min() if finite.size else 1.0, 1.0) / 1.02
+    high = max(worst, threshold) * 1.6 if near else max(worst * 1.1, 1.05)
     ax.set_yscale("log")
     ax.set_ylim(low, high)
     ax.axhline(1.0, **BASELINE_STYLE, label="baseline")
-    ax.axhline(threshold, **THRESHOLD_STYLE, label=f"catastrophic threshold ({threshold:g}×)")
+    if near:
+        ax.axhline(threshold, **THRESHOLD_STYLE, label=f"catastrophic threshold ({threshold:g}×)")
+    else:
+        ax.plot([], [], **THRESHOLD_STYLE, label=f"catastrophic threshold ({threshold:g}×): above the panel, "
+                                                 "no trial near it")
     if ceiling and low < ceiling < high:
         ax.axhline(ceiling, **CEILING_STYLE, label=f"uniform output: ppl = vocabulary (×{fmt.sig(ceiling)})")
     plain_log_ticks(ax.yaxis, ratio_ticks(low, high, threshold, ceiling if ceiling and ceiling < high else None))

@@ -106,9 +106,11 @@ def _answers(points: pl.DataFrame, x: str, ctx: Context) -> list[str]:
         out.append(f"**Where each module kind breaks** (median perplexity above {ctx.threshold:g}× the baseline), "
                    "most fragile first: " + ", ".join(at(r) for r in broke.iter_rows(named=True)) + ".")
     if len(held):
-        out.append(f"{'No module kind breaks' if not len(broke) else 'Never breaking'} up to the largest {x} run "
-                   f"({fmt.cell(held['largest'].max())}): " + ", ".join(
-                       f"`{r['module']}` ({fmt.times(r['median_at_largest'])}, top-1 "
+        held = held.sort("median_at_largest", descending=True)
+        out.append(f"{'**No module kind breaks**' if not len(broke) else 'Never breaking'} (median perplexity above "
+                   f"{ctx.threshold:g}× the baseline) up to the largest {x} run ({fmt.cell(held['largest'].max())}); "
+                   f"there, most damaged first: " + ", ".join(
+                       f"`{r['module']}` {fmt.times(r['median_at_largest'])} (top-1 "
                        f"{fmt.agreement(r['top1_at_largest'])})" for r in held.iter_rows(named=True)) + ".")
     early = points.filter(pl.col("top1_below").is_not_null() & (pl.col("breaks_at").is_null()
                                                                 | (pl.col("top1_below") < pl.col("breaks_at"))))

@@ -37,7 +37,7 @@ def payload(trials: pl.DataFrame, seq: "Sequences | None" = None) -> dict[str, A
     columns += _provenance(t)
     columns += _metrics(t, seq)
     return {"columns": [{"name": n, "label": label, "format": f} for n, label, f, _ in columns],
-            "values": [[_json_value(v) for v in values] for *_, values in columns]}
+            "values": [_json_values(values) for *_, values in columns]}
 
 
 def _provenance(t: pl.DataFrame) -> list[tuple[str, str, str, list]]:
@@ -91,10 +91,13 @@ def _metrics(t: pl.DataFrame, seq: "Sequences | None") -> list[tuple[str, str, s
     return out
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+def _json_values(values: list) -> list:
+    """Strict JSON: non-finite floats become "inf" / "-inf" (NaN: null), looked for only where they are."""
+    floats = [i for i, v in enumerate(values) if type(v) is float and not math.isfinite(v)]
+    for i in floats:
+        v = values[i]
+        values[i] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return values
 
 
 def explorer_html(data: dict[str, Any]) -> str:
@@ -125,14 +128,17 @@ SCRIPT = r"""
   const cols = data.columns, n = data.values.length ? data.values[0].length : 0;
   const num = v => v === "inf" ? Infinity : v === "-inf" ? -Infinity : v;
   const vals = data.values.map(col => col.map(num));
-  const sig = (x, d) => { const s = x.toPrecision(d); return s.includes("e+") ? Math.round(+s).toLocaleString("en-US") : s; };
+  // Thousands separators by hand: Intl's toLocaleString is ~100x slower, and a filter writes every cell.
+  const group = s => { const [whole, part] = s.split("."); return whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",") + (part === undefined ? "" : "." + part); };
+  const sig = (x, d) => { const s = x.toPrecision(d); return s.includes("e+") && Math.abs(x) < 1e15 ? group(String(Math.round(+s))) : s; };
   const write = {
     str: v => String(v), int: v => String(v), bool: v => v ? "yes" : "no",
-    ratio: v => sig(v, 3), ppl: v => Math.abs(v) < 1e6 ? v.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2}) : sig(v, 3),
+    ratio: v => sig(v, 3), ppl: v => Math.abs(v) < 1e6 ? group(v.toFixed(2)) : sig(v, 3),
     pct: v => (100 * v).toFixed(2) + "%", kl: v => v === 0 ? "0" : v.toPrecision(2), num: v => String(+v.toPrecision(4)),
   };
   const show = (v, f) => v === null || v === undefined ? "–" : !isFinite(v) && typeof v === "number" ? (v > 0 ? "inf" : "-inf") : write[f](v);
-  const text = cols.map((c, j) => vals[j].map(v => show(v, c.format).toLowerCase()));
+  const texts = [];  // each column written out once, when a filter first needs it
+  const text = j => texts[j] || (texts[j] = vals[j].map(v => show(v, cols[j].format).toLowerCase()));
   const table = document.getElementById("trial-table"), status = document.getElementById("trial-status");
   let order = [...Array(n).keys()], shown = order, page = 0, sortCol = -1, sortDir = 1;
   const size = () => +document.getElementById("trial-size").value;
@@ -146,10 +152,11 @@ SCRIPT = r"""
   function term(t) {
     const m = t.match(/^([\w.]+)(>=|<=|!=|=|>|<|~)(.*)$/);
     const j = m ? cols.findIndex(c => c.name.toLowerCase() === m[1] || c.label.toLowerCase() === m[1]) : -1;
-    if (j < 0) return i => text.some(col => col[i].includes(t));
+    if (j < 0) { cols.forEach((c, k) => text(k)); return i => texts.some(col => col[i].includes(t)); }
     const op = m[2], want = m[3], w = Number(want), numeric = want !== "" && !isNaN(w);
+    const written = text(j);
     return i => {
-      const v = vals[j][i], s = text[j][i];
+      const v = vals[j][i], s = written[i];
       if (op === "~") return s.includes(want);
       if (v === null) return op === "!=";
       const a = numeric && typeof v === "number" ? v : s, b = numeric && typeof v === "number" ? w : want;

@@ -3,7 +3,7 @@
     python -m sensray.analyze results/bitflip/<run id>     # sections "Bit fields", "Bit positions", "Matrices hit"
 
     from sensray.analyze.faults import classify
-    classify(trials, "float32")["fault"]     # sign / exponent MSB / exponent, other bits / mantissa
+    classify(trials, "float32")["fault"]     # sign / exponent MSB / other exponent bits / mantissa
 
 The study asks for a field (`sign`, `exponent`, `exponent_msb`, `mantissa`) and the sweep draws a
 bit of it; the row records the bit actually flipped (`flipped_bit`) and the tensor hit (`tensor`).
@@ -28,7 +28,7 @@ from sensray.analyze.render import Figure as FigureBlock
 from sensray.analyze.render import Para, Table
 from sensray.analyze.sections import Context, Section, section
 
-CLASSES = ("sign", "exponent MSB", "exponent, other bits", "mantissa")
+CLASSES = ("sign", "exponent MSB", "other exponent bits", "mantissa")
 
 
 @lru_cache(maxsize=None)
@@ -47,14 +47,14 @@ def fault_of(bit: int, dtype: str) -> str:
         return "sign"
     if bit in fields["exponent_msb"]:
         return "exponent MSB"
-    return "exponent, other bits" if bit in fields["exponent"] else "mantissa"
+    return "other exponent bits" if bit in fields["exponent"] else "mantissa"
 
 
 def bits_of(fault: str, dtype: str) -> str:
     """The bit positions of a fault class, as words: `bit 30`, `bits 23–29`."""
     fields = layout(dtype)
     bits = {"sign": fields["sign"], "exponent MSB": fields["exponent_msb"], "mantissa": fields["mantissa"],
-            "exponent, other bits": tuple(b for b in fields["exponent"] if b not in fields["exponent_msb"])}[fault]
+            "other exponent bits": tuple(b for b in fields["exponent"] if b not in fields["exponent_msb"])}[fault]
     return f"bit {bits[0]}" if len(bits) == 1 else f"bits {min(bits)}–{max(bits)}"
 
 
@@ -173,14 +173,15 @@ def _catastrophic_bits(ctx: Context, separated: pl.DataFrame) -> str:
     if not bad:
         return f"**No single-bit fault was catastrophic** (none of {sum(r['n'] for r in rows)} trials)."
     dtype = ctx.run.baseline.get("dtype", "float32")
-    said = "; ".join(f"`{r['fault']}` ({bits_of(r['fault'], dtype)}) {r['catastrophic']} of {r['n']} "
+    said = "; ".join(f"`{r['fault']}` ({bits_of(r['fault'], dtype)}): {r['catastrophic']} of {r['n']} "
                      f"({fmt.percent(r['share'])}, 95% CI {fmt.span(r['ci_low'], r['ci_high'], fmt.percent)})"
                      for r in bad)
     calm = [r for r in rows if not r["catastrophic"]]
     rest = ""
     if calm:
-        rest = (" Flips of the other fields never were: " + ", ".join(
-            f"`{r['fault']}` ({bits_of(r['fault'], dtype)}) 0 of {r['n']}, worst {fmt.times(r['worst'])}"
+        rest = (" Flips of the other fields never were: " + "; ".join(
+            f"`{r['fault']}` ({bits_of(r['fault'], dtype)}): 0 of {r['n']} "
+            f"(95% CI {fmt.span(r['ci_low'], r['ci_high'], fmt.percent)}), worst {fmt.times(r['worst'])}"
             for r in calm) + ".")
     ceiling = _at_ceiling(ctx)
     return f"**Catastrophic faults by the field of the bit that flipped**: {said}.{ceiling}{rest}"
@@ -214,16 +215,19 @@ def _agreement(ctx: Context, t: pl.DataFrame) -> str:
 
 
 def _matrix_answer(stats: pl.DataFrame, cols: list[str]) -> str:
+    """Per catastrophic fault class, the matrices where it always, sometimes and never broke the model."""
     bad = stats.filter(pl.col("catastrophic") > 0)
-    if bad.is_empty():
-        return ""
-    faults = [c for c in cols if c in bad["fault"].to_list()]
     parts = []
-    for fault in faults:
-        part = stats.filter(pl.col("fault") == fault).sort("share", "n", descending=True)
-        parts.append(f"`{fault}` flips were catastrophic in " + ", ".join(
-            f"`{r['matrix']}` {r['catastrophic']}/{r['n']}" for r in part.iter_rows(named=True)))
-    return "By the weight matrix actually hit: " + "; ".join(parts) + "."
+    for fault in [c for c in cols if c in bad["fault"].to_list()]:
+        part = sorted(stats.filter(pl.col("fault") == fault).to_dicts(),
+                      key=lambda r: (-r["share"], -r["n"], tables.module_rank(r["matrix"])))
+        groups = (("whenever they hit", [r for r in part if r["catastrophic"] == r["n"]]),
+                  ("in some of the flips that hit", [r for r in part if 0 < r["catastrophic"] < r["n"]]),
+                  ("never when they hit", [r for r in part if r["catastrophic"] == 0]))
+        said = [f"{what} " + ", ".join(f"`{r['matrix']}` ({r['catastrophic']}/{r['n']})" for r in rows)
+                for what, rows in groups if rows]
+        parts.append(f"`{fault}` flips were catastrophic " + "; ".join(said))
+    return ("By the weight matrix the flip actually landed in: " + ". ".join(parts) + ".") if parts else ""
 
 
 def bit_profile(t: pl.DataFrame, per_bit: pl.DataFrame, dtype: str, context: str) -> Figure:

@@ -85,10 +85,16 @@ def plain_log_ticks(axis, ticks: Sequence[float] = ()) -> None:
 
 
 def ratio_ticks(low: float, high: float, threshold: float, ceiling: float | None) -> list[float]:
-    """Ticks for a ppl / baseline axis from low to high: 1, the threshold, the ceiling, round values between."""
+    """Ticks for a ppl / baseline axis from low to high: 1, the threshold and the ceiling when in range, and
+    round values between (1-2-5 per decade over a wide range, about five even steps over a narrow one)."""
+    from matplotlib.ticker import MaxNLocator
+
     marks = [1.0, threshold] + ([ceiling] if ceiling else [])
-    exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-    round_ = [m * 10.0 ** k for k in exponents for m in (1, 2, 5)]
+    if high / low < 10:
+        round_ = MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high).tolist()
+    else:
+        exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        round_ = [m * 10.0 ** k for k in exponents for m in (1, 2, 5)]
     ticks = [t for t in marks if low <= t <= high]
     for t in round_:  # round values, unless they would overprint a mark
         if low <= t <= high and all(abs(math.log(t / m)) > 0.08 * math.log(max(high / low, 1.5)) for m in ticks):

@@ -121,9 +121,12 @@ def _by_layer(t: pl.DataFrame, threshold: float) -> str:
                 f"({percent(most['share'])}), worst {_span(layers['worst'])}; medians {_span(layers['median'])}.")
 
     def say(r: dict) -> str:
-        return (f"`blocks.{r['layer']}` (median {times(r['median'])}, catastrophic {percent(r['share'])}, "
-                f"worst {times(r['worst'])})")
-    return f"By layer, the most sensitive is {say(most)} and the least {say(least)}."
+        return (f"`blocks.{r['layer']}` (median {times(r['median'])}, catastrophic {percent(r['share'])}"
+                f"{_interval(r)}, worst {times(r['worst'])})")
+    overlap = (most.get("ci_low") is not None and least["ci_high"] >= most["ci_low"]
+               and most["catastrophic"] != least["catastrophic"])
+    tail = (": their intervals overlap, so no block is more fragile than another beyond chance" if overlap else "")
+    return f"By layer, the most sensitive is {say(most)} and the least {say(least)}{tail}."
 
 
 def _span(values: pl.Series) -> str:

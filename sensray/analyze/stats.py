@@ -84,8 +84,9 @@ class Sequences:
         """Per trial: `ratio_low`, `ratio_high`, the 95% interval of its ppl / baseline ppl."""
         low, high = np.full(len(trials), np.nan), np.full(len(trials), np.nan)
         for start in range(0, len(trials), CHUNK):
-            part = np.exp(self.log_ratios(self.matrix(trials.slice(start, CHUNK))))
-            low[start: start + len(part)], high[start: start + len(part)] = _quantiles(part, axis=1)
+            part = self.log_ratios(self.matrix(trials.slice(start, CHUNK)))
+            # exp is monotone and the quantiles pick resamples (no interpolation): take them on the logs
+            low[start: start + len(part)], high[start: start + len(part)] = np.exp(_quantiles(part, axis=1))
         return pl.DataFrame({"ratio_low": low, "ratio_high": high}, nan_to_null=True)
 
     def cells(self, trials: pl.DataFrame, by: Sequence[str], random: bool) -> pl.DataFrame:
