@@ -121,6 +121,7 @@ def test_each_kind_answers_its_question():
     assert ("**How far, and which criterion keeps the model best**: 2 of 4 methods reach sparsity 0.5 under 2× the "
             "baseline perplexity; there, from best to worst: `wanda (row)` ×1.65 (95% CI") in prune
     assert "Lowest perplexity per sparsity above 0: `wanda (row)` at 0.2, 0.4, 0.5, 0.6, 0.8." in prune
+    assert "paired on the same eval sequences" in prune
     assert "Highest sparsity under 2× the baseline perplexity, per method: `wanda (row)` 0.5" in prune
     assert "Achieved sparsity (zeros in the pruned matrices after each trial) is within 0.1 percentage points" in prune
 

@@ -48,7 +48,7 @@ def components(ctx: Context) -> Section | None:
     blocks.append(Table.of(ranked, SHOWN, title="The costliest components", note=summary_note(ctx) + more))
     return Section("components", "Which components matter", blocks, answers=_answers(ranked, kinds, t),
                    data={"components": ranked, "per_module_kind_and_mode": kinds},
-                   replaces=frozenset({"layers", "modules"}))
+                   replaces=frozenset({"layers", "modules", "top"}))
 
 
 def _hatched(t: pl.DataFrame) -> str:
@@ -69,11 +69,15 @@ def _answers(ranked: pl.DataFrame, kinds: pl.DataFrame, t: pl.DataFrame) -> list
         part = ranked.filter((pl.col("mode") == mode) & (pl.col("n") > 0))
         top = part.head(3).to_dicts()
         same = part.filter((pl.col("median_low") <= 1) & (pl.col("median_high") >= 1)) \
-            if "median_low" in part.columns else part.clear()
+            if "median_low" in part.columns else part.clear()  # no intervals: say nothing about the noise
         lead = "**The components that matter most**, by ppl / baseline: with" if not out else "With"
-        out.append(f"{lead} `{mode}` ablation, " + ", ".join(
-            f"`{r['target']}` {fmt.times(r['median'])} (top-1 {fmt.agreement(r['top1'])})" for r in top)
-            + f"; {len(same)} of {len(part)} `{mode}` ablations are not distinguishable from the baseline.")
+        noise = (f"every one of the {len(part)} `{mode}` ablations moves perplexity beyond the eval text's noise"
+                 if same.is_empty() else
+                 f"{len(same)} of {len(part)} `{mode}` ablations are not distinguishable from the baseline")
+        costliest = ", ".join(f"`{r['target']}` {fmt.times(r['median'])} (top-1 {fmt.agreement(r['top1'])})"
+                              for r in top)
+        out.append(f"{lead} `{mode}` ablation, {costliest}" + (f"; {noise}." if "median_low" in part.columns else "."))
+    out.append(_ties(t))
     zero = kinds.filter(pl.col("mode") == "zero").sort("median", descending=True)
     if len(zero) > 1:
         out.append("By module kind (median over layers, `zero`): " + ", ".join(
@@ -84,7 +88,30 @@ def _answers(ranked: pl.DataFrame, kinds: pl.DataFrame, t: pl.DataFrame) -> list
         out.append(f"By layer, ablating a component of block {most['layer']} costs most (median "
                    f"{fmt.times(most['median'])} over its components and modes), of block {least['layer']} least "
                    f"({fmt.times(least['median'])}).")
-    return out
+    return [s for s in out if s]
+
+
+def _ties(t: pl.DataFrame) -> str:
+    """Components of one block whose `zero` ablations give the identical perplexity (to 6 significant
+    figures): they cut the same path (gate, up or down all silence the MLP). Said for the groups that
+    tie in at least half the blocks."""
+    zero = t.filter((pl.col("mode") == "zero") & pl.col("layer").is_not_null() & pl.col("ppl").is_finite())
+    layers = zero["layer"].n_unique()
+    found: dict[tuple[str, ...], int] = {}
+    for _, block in zero.group_by("layer"):
+        by_ppl: dict[str, list[str]] = {}
+        for r in block.iter_rows(named=True):
+            by_ppl.setdefault(f"{r['ppl']:.6g}", []).append(r["module"])
+        for modules in by_ppl.values():
+            if len(modules) > 1:
+                key = tuple(sorted(modules, key=tables.module_rank))
+                found[key] = found.get(key, 0) + 1
+    common = [(k, n) for k, n in found.items() if layers > 1 and n >= layers / 2]
+    if not common:
+        return ""
+    return ("Zeroing these components of one block gives the identical perplexity (to 6 significant figures), "
+            "so they cut the same path: " + "; ".join(
+                " / ".join(f"`{m}`" for m in group) + f" in {n} of {layers} blocks" for group, n in common) + ".")
 
 
 def ablation_heatmaps(t: pl.DataFrame, baseline_ppl: float, threshold: float, ceiling: float | None,

@@ -77,7 +77,7 @@ def breaking(ctx: Context) -> Section | None:
         blocks.append(FigureBlock(plot.caption, f"{ctx.kind}-{x}-curves", plot.fig))
     blocks.append(Table.of(curves, title=f"Per module kind and {x}", note=summary_note(ctx, f"by module kind, then {x}")))
     return Section("breaking", "Where each module kind breaks", blocks, answers=_answers(points, x, ctx),
-                   data={"break_points": points, "per_module_and_dose": curves}, replaces=frozenset({"modules"}))
+                   data={"break_points": points, "per_module_and_dose": curves}, replaces=frozenset({"modules", "top"}))
 
 
 def _display(points: pl.DataFrame, x: str) -> pl.DataFrame:

@@ -194,7 +194,7 @@ def _winners(t: pl.DataFrame) -> str:
         return ""
     counts = winners.group_by("label").agg(pl.len(), pl.col("x").sort().alias("at")).sort("len", "label",
                                                                                            descending=[True, False])
-    return ("Lowest perplexity per sparsity above 0: " + ", ".join(
+    return ("Lowest perplexity per sparsity above 0: " + "; ".join(
         f"`{r['label']}` at {', '.join(fmt.cell(x) for x in r['at'])}" for r in counts.iter_rows(named=True)) + ".")
 
 
