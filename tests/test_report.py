@@ -50,7 +50,9 @@ def test_report_md_says_what_was_run_and_answers_the_question(analysed):
     assert "versions: sensray 0.1.0 (git 0123abc), torch 2.13.0" in md
     assert "model `sensray-tiny`" in md and "64 trials (0 failed)" in md and "2 replicas" in md
     assert re.search(r"perplexity \*\*20\.00\*\*, 95% CI 1\d\.\d\d–2\d\.\d\d over resampled eval sequences", md)
-    assert "ppl 2,048, ×102 the baseline" in md and "restored bit-exactly" in md
+    assert "scores ppl 2,048, ×102 the baseline" in md and "restored bit-exactly" in md
+    assert ("The 64 trials flipped 64 bits in 16 distinct weight elements (48 flips repeat an element: "
+            "`distinct` says how many positions back each cell; draws are keyed by seed and target") in md
     reading = md.split("## Reading")[1].split("##")[0]
     assert reading.index("Catastrophic faults by the field") < reading.index("16 of 64 trials (25.0%")
     assert "16 of 64 trials (25.0%, 95% CI 16.0%–36.8%) were catastrophic" in reading

@@ -91,7 +91,7 @@ def fields(ctx: Context) -> Section | None:
         dtype = ctx.run.baseline.get("dtype", "float32")
         t = classify(ctx.trials, dtype)
         separated = _by_fault(ctx, t)
-        blocks = [Para(_overlap(t, dtype) or "Each trial flips one bit of the field it asks for."), *blocks,
+        blocks = [Para(" ".join(filter(None, (_positions(t), _overlap(t, dtype))))), *blocks,
                   Table.of(separated, title="Per field of the bit that actually flipped",
                            note="The exponent's most significant bit apart from the other exponent bits. "
                                 + summary_note(ctx, "in IEEE order"))]
@@ -153,6 +153,18 @@ def matrices(ctx: Context) -> Section | None:
     ], answers=[_matrix_answer(stats, cols)], data={"by_matrix_and_field": stats, "by_matrix": per_matrix})
 
 
+def _positions(t: pl.DataFrame) -> str:
+    """How many distinct weight elements the trials hit: what backs every cell of these tables."""
+    if "changes" not in t.columns:
+        return ""
+    hit = {(c["tensor"], c["index"]) for changes in t["changes"].drop_nulls().to_list() for c in changes}
+    flips = int(t["changes"].drop_nulls().list.len().sum())
+    backing = ("every flip a different element, so a cell's n trials are n positions" if len(hit) == flips else
+               f"{flips - len(hit)} flips repeat an element: `distinct` says how many positions back each cell")
+    return (f"The {len(t)} trials flipped {flips:,} bits in {len(hit):,} distinct weight elements ({backing}; "
+            f"draws are keyed by seed and target, so they are independent).")
+
+
 def _overlap(t: pl.DataFrame, dtype: str) -> str:
     """How `exponent` trials overlap `exponent_msb`: the ones whose drawn bit was the MSB."""
     if "field" not in t.columns or "exponent" not in t["field"].to_list():
@@ -209,7 +221,7 @@ def _agreement(ctx: Context, t: pl.DataFrame) -> str:
     low = moved.sort("top1_agreement").row(0, named=True)
     return (f"Top-1 agreement moves where perplexity cannot: {len(same)} of the {len(t)} trials that were not "
             f"catastrophic leave perplexity indistinguishable from the baseline (95% CI of ppl / baseline includes "
-            f"1), yet {len(moved)} of those change the top prediction somewhere, down to "
+            f"1), yet {len(moved)} of those {'changes' if len(moved) == 1 else 'change'} the top prediction somewhere, down to "
             f"{fmt.agreement(low['top1_agreement'])} agreement (`{low['fault']}` flip in "
             f"`{low.get('tensor') or low['target']}`, KL {fmt.kl(low['kl'])}).")
 

@@ -276,7 +276,6 @@ def distribution(trials: pl.DataFrame, baseline_ppl: float, threshold: float = C
         return None
     hue = next((c for c in ("flip", "mode", "module", "method") if c in t.columns and 1 < t[c].n_unique() <= 10),
                None)
-    groups = sorted(t[hue].unique().to_list(), key=_hue_key(hue)) if hue else [None]
     broken = int((~t["delta_ppl"].is_finite()).sum())
     fig = Figure(figsize=(WIDTH, 4.4), layout="constrained")
     if broken:
@@ -284,13 +283,29 @@ def distribution(trials: pl.DataFrame, baseline_ppl: float, threshold: float = C
     else:
         ax, side = fig.add_subplot(), None
     values = t.filter(pl.col("delta_ppl").is_finite())["delta_ppl"].to_numpy()
+    parts, colours = _stacked(ax, t, hue, values)
+    if side is not None:
+        _nonfinite_bar(side, parts, colours)
+    _distribution_axis(ax, values, baseline_ppl, threshold, ceiling, hue)
+    title(fig, f"Distribution of the perplexity change over {len(t)} trials", context)
+    caption = f"Every finished trial's perplexity / baseline on log bins{f', stacked by {hue}' if hue else ''}"
+    caption += f"; the {broken} non-finite trials in the bar on the right." if broken else "; no trial went non-finite."
+    return Plot(fig, caption)
+
+
+def _stacked(ax, t: pl.DataFrame, hue: str | None, values: np.ndarray) -> tuple[list[pl.DataFrame], list]:
+    """The finite trials as a histogram stacked by `hue`; returns the groups and their colours."""
+    groups = sorted(t[hue].unique().to_list(), key=_hue_key(hue)) if hue else [None]
     parts = [t.filter(pl.col(hue) == g) if hue else t for g in groups]
     finite = [p.filter(pl.col("delta_ppl").is_finite())["delta_ppl"].to_numpy() for p in parts]
     colours = palette(len(groups))
     ax.hist(finite, bins=_log_bins(values), stacked=True, color=colours,
             label=[str(g) for g in groups] if hue else None)
-    if side is not None:
-        _nonfinite_bar(side, parts, colours)
+    return parts, colours
+
+
+def _distribution_axis(ax, values: np.ndarray, baseline_ppl: float, threshold: float, ceiling: float | None,
+                       hue: str | None) -> None:
     ax.set_xscale("log")
     ax.axvline(1.0, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.2f})")
     threshold_line(ax, threshold, values, f"catastrophic threshold ({threshold:g}×)", vertical=True)
@@ -303,10 +318,6 @@ def distribution(trials: pl.DataFrame, baseline_ppl: float, threshold: float = C
     ax.set_ylabel("trials", fontsize=TEXT)
     ax.tick_params(labelsize=TEXT)
     ax.legend(fontsize=TEXT, title=hue, title_fontsize=TEXT, loc="upper right")
-    title(fig, f"Distribution of the perplexity change over {len(t)} trials", context)
-    caption = f"Every finished trial's perplexity / baseline on log bins{f', stacked by {hue}' if hue else ''}"
-    caption += f"; the {broken} non-finite trials in the bar on the right." if broken else "; no trial went non-finite."
-    return Plot(fig, caption)
 
 
 def _nonfinite_bar(ax, parts: list[pl.DataFrame], colours: list) -> None:

@@ -161,9 +161,9 @@ def baseline_lines(ctx: Context) -> list[str]:
     lines = [f"perplexity **{fmt.ppl(b['ppl'])}**" + _baseline_interval(ctx)
              + f" (mean NLL {b['nll']:.4f} nats/token) on {b['tokens']:,} tokens"]
     if ctx.ceiling:
-        lines.append(f"ceiling: a uniform guess over the {ctx.vocab:,}-token vocabulary scores ppl {ctx.vocab:,}, "
-                     f"×{fmt.sig(ctx.ceiling)} the baseline; a damaged model that outputs one fixed distribution "
-                     f"lands near it, so ratios there are saturated, not a scale's end")
+        lines.append(f"uniform-output ceiling: a uniform guess over the {ctx.vocab:,}-token vocabulary scores ppl "
+                     f"{ctx.vocab:,}, ×{fmt.sig(ctx.ceiling)} the baseline; a model whose output collapses to such a "
+                     f"guess lands there whatever broke it (one that is confidently wrong can go beyond)")
     after = b.get("checksum_after_sweep")
     restored = "weights restored bit-exactly (checksum at load = after the sweep)"
     if after is None:
