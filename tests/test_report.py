@@ -153,6 +153,19 @@ def test_reading_spots_a_saturated_output():
     assert "No layer stands out: every block has 4 of 16 trials catastrophic (25.0%), worst ×102; medians" in text
 
 
+def test_reading_says_when_a_saturated_output_is_worse_than_guessing():
+    """One level above the vocabulary size: a fixed, confidently wrong distribution, not the uniform ceiling."""
+    level = 2920.25
+    stuck = bitflip_table().with_columns(
+        pl.when(pl.col("field") == "exponent_msb").then(level / BASELINE_PPL).otherwise(pl.col("delta_ppl")).alias("delta_ppl"),
+        pl.lit(False).alias("nonfinite"),
+    ).with_columns((pl.col("delta_ppl") * BASELINE_PPL).alias("ppl"))
+    text = "\n".join(findings(stuck, vocab=2048))
+    assert ("land on the same perplexity, 2,920.25, across 4 targets: the damaged model's output saturates at one fixed "
+            "output distribution, above the uniform-output ceiling (ppl 2,048, the vocabulary size): confidently "
+            "wrong, worse than guessing.") in text
+
+
 def test_a_run_from_before_per_sequence_nlls_says_what_it_lacks(tmp_path):
     old = bitflip_table().drop("seq_nll", "changes", "tensors", "tensor", "index", "flipped_bit", "old", "new",
                                "elements_changed", "bit_counts")

@@ -71,6 +71,10 @@ def test_nothing_overflows_and_nothing_is_cut(page, reports, kind, width):
     assert hidden == 0  # the Next commands wrap: nothing to scroll to, no comment out of sight
     shown = page.execute_script("return [...document.images].map(i => i.getBoundingClientRect().right)")
     assert max(shown) <= width
+    scrolled = page.execute_script(  # headers wrap, so a grid of up to 6 columns needs no scrolling
+        "return [...document.querySelectorAll('.scroll')].filter(b => b.querySelectorAll('thead th').length <= 6"
+        " && b.scrollWidth > b.clientWidth).map(b => b.querySelector('thead').textContent)")
+    assert scrolled == []
     if os.environ.get("SENSRAY_SCREENSHOTS"):
         folder = Path(os.environ["SENSRAY_SCREENSHOTS"])
         folder.mkdir(parents=True, exist_ok=True)

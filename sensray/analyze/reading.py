@@ -152,9 +152,15 @@ def _plateau(t: pl.DataFrame, threshold: float, vocab: int | None) -> str:
     level, count, targets = counts.sort("len", "level", descending=[True, False]).row(0)
     if count < max(3, len(broken) // 4):
         return ""
-    where = (f"the uniform-output ceiling: a guess spread evenly over the {vocab:,}-token vocabulary scores "
-             f"exactly ppl {vocab:,}" if vocab and abs(math.log(level / vocab)) < 0.01 else
-             "one fixed output distribution (uniform guessing over a vocabulary of V tokens gives perplexity V)")
+    if vocab and abs(math.log(level / vocab)) < 0.01:
+        where = (f"the uniform-output ceiling: a guess spread evenly over the {vocab:,}-token vocabulary scores "
+                 f"exactly ppl {vocab:,}")
+    elif vocab:  # the same level whatever broke: one fixed distribution, not uniform (worse when above V)
+        side = "above" if level > vocab else "below"
+        where = (f"one fixed output distribution, {side} the uniform-output ceiling (ppl {vocab:,}, the vocabulary "
+                 f"size){': confidently wrong, worse than guessing' if level > vocab else ''}")
+    else:
+        where = "one fixed output distribution (uniform guessing over a vocabulary of V tokens gives perplexity V)"
     return (f"{count} of the {len(broken)} catastrophic trials that stayed finite land on the same perplexity, "
             f"{level:,.2f}, across {targets} target{'s' * (targets != 1)}: the damaged model's output saturates at "
             f"{where}.")

@@ -221,8 +221,8 @@ _CSS = """body{font:15px/1.5 system-ui,sans-serif;max-width:62em;margin:2em auto
 h1{font-size:1.6em;overflow-wrap:anywhere}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 .scroll{overflow-x:auto;max-width:100%;margin:.5em 0 .3em}
 table{border-collapse:collapse;font-size:13px}th,td{padding:.2em .6em;border-bottom:1px solid #ddd}
-th{text-align:left;background:#f4f4f4}th,td{white-space:nowrap}
-td.n{text-align:right;font-variant-numeric:tabular-nums}p.note{color:#555;font-size:13px;margin:.2em 0 1.2em}
+th{text-align:left;background:#f4f4f4;vertical-align:bottom}td{white-space:nowrap}
+th.n,td.n{text-align:right}td.n{font-variant-numeric:tabular-nums}p.note{color:#555;font-size:13px;margin:.2em 0 1.2em}
 p.title{font-weight:600;margin:1em 0 .2em}
 img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{color:#555;font-size:13px}
 code,pre{background:#f4f4f4;border-radius:3px}code{overflow-wrap:anywhere}
@@ -276,7 +276,7 @@ def _inline(text: str) -> str:
 
 
 def _html_table(t: Table) -> str:
-    head = "".join(f"<th>{_html.escape(h)}</th>" for h in t.headers)
+    head = "".join(f"<th{' class=n' if num else ''}>{_html.escape(h)}</th>" for h, num in zip(t.headers, t.numeric))
 
     def row(values: list[str]) -> str:
         return "".join(f"<td{' class=n' if num else ''}>{_html.escape(v)}</td>" for v, num in zip(values, t.numeric))
