@@ -80,6 +80,7 @@ def test_report_html_is_self_contained(analysed):
     assert "http://" not in page and "https://" not in page and "<script src" not in page
     assert '<script type="application/json" id="trial-data">' in page and "<code>exponent_msb</code>" in page
     assert '<span class="nw">16.0%–36.8%</span>' in page  # ranges never break across lines
+    assert '<span class="nw">--threshold</span> 10' in page  # nor do the Next commands' options
 
 
 def test_summary_json_is_strict_json_with_every_metric(analysed):

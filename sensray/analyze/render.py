@@ -244,7 +244,7 @@ def html(doc: Document) -> str:
         elif isinstance(b, Bullets):
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Code):
-            body.append(f"<pre><code>{_html.escape(b.text)}</code></pre>")
+            body.append(f"<pre><code>{_code_html(b.text)}</code></pre>")
         elif isinstance(b, Table):
             body.append(_html_table(b))
         elif isinstance(b, Figure) and b.path is not None:
@@ -273,6 +273,11 @@ def _inline(text: str) -> str:
     text = _RANGE.sub(lambda m: f'<span class="nw">{m.group(0)}</span>', text)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def _code_html(text: str) -> str:
+    """Commands that wrap between words, never inside an option: a break after `-` would show `- -threshold`."""
+    return re.sub(r"(?<!\S)(--?[A-Za-z][\w-]*)", r'<span class="nw">\1</span>', _html.escape(text))
 
 
 def _html_table(t: Table) -> str:
