@@ -3,6 +3,8 @@
     nll            token-weighted mean negative log-likelihood (nats), ppl = exp(nll)
     kl             mean over positions of KL(baseline || perturbed) of the next-token distributions
     top1_agreement share of positions whose argmax prediction equals the baseline's
+    seq_nll        per eval sequence, its mean NLL (nats/token), in batch order: what a bootstrap over
+                   sequences resamples for an interval on ppl (None once any logit is non-finite)
                    (KL and top-1 use every position of a window, the NLL every position with a target)
     nonfinite      a position's logits hold NaN or +inf (found through the row max, which propagates
                    both): then nll = ppl = kl = inf. A result, never a crash.
@@ -61,6 +63,7 @@ class Scores:
     top1_agreement: float | None
     nonfinite: bool
     tokens: int
+    seq_nll: tuple[float, ...] | None = None
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -156,6 +159,7 @@ def evaluate(
             target_logit = logits[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1)  # (batch, seq - 1)
             nll = lse.view(-1, seq)[:, :-1] - target_logit.double()
             totals.nll_terms.append(math.fsum(nll.flatten().tolist()))
+            totals.seq_nll.extend(math.fsum(row) / len(row) for row in nll.tolist())
             if kl is not None:
                 totals.kl_terms.append(math.fsum(kl.tolist()))
         del logits
@@ -171,6 +175,7 @@ class _Totals:
     has_ref: bool
     nll_terms: list[float] = field(default_factory=list)  # per batch: exact sums, added exactly at the end
     kl_terms: list[float] = field(default_factory=list)
+    seq_nll: list[float] = field(default_factory=list)  # per sequence, kept apart so nll stays one exact sum
     agree: int = 0
     tokens: int = 0
     positions: int = 0
@@ -188,4 +193,5 @@ class _Totals:
             top1_agreement=self.agree / self.positions if self.has_ref else None,
             nonfinite=self.nonfinite,
             tokens=self.tokens,
+            seq_nll=None if self.nonfinite else tuple(self.seq_nll),
         )

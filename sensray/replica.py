@@ -27,7 +27,7 @@ from sensray.results import PROVENANCE
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
 
-METRICS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite")
+METRICS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seq_nll")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Baseline:
     nll: float
     ppl: float
     checksum_at_load: str
+    vocab_size: int | None = None  # a uniform guess over it scores ppl = vocab_size: the damage ceiling
+    seq_nll: tuple[float, ...] | None = None  # per eval sequence, for bootstrap intervals (metrics.Scores)
 
 
 class Replica:
@@ -76,6 +78,8 @@ class Replica:
             nll=scores.nll,
             ppl=scores.ppl,
             checksum_at_load=weights_checksum(self.model),
+            vocab_size=self.reference.logits[0].shape[-1],
+            seq_nll=scores.seq_nll,
         )
 
     def run_trial(self, trial: Trial) -> dict:

@@ -32,7 +32,8 @@ FIRST_COLUMNS = ("trial_id", "kind", "sample", "target")
 # the metrics. Flat columns hold the common single-tensor / single-element case, to group on directly;
 # `changes` lists every changed element, `tensors` every touched tensor (or hooked module).
 PROVENANCE = ("tensor", "index", "flipped_bit", "old", "new", "elements_changed", "changes", "bit_counts", "tensors")
-LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seconds", "replica", "error")
+LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seq_nll", "seconds", "replica",
+                "error")
 
 
 def new_run_id() -> str:
@@ -75,7 +76,12 @@ class RunDir:
         return self.path / "trials.parquet"
 
     def write_baseline(self, baseline: dict[str, Any]) -> None:
-        _atomic_write(self.path / "baseline.json", json.dumps(baseline | {"versions": versions()}, indent=2) + "\n")
+        """baseline.json, with the package versions and the command line that started the run (a resume
+        keeps the first command: it is the one that says what was run)."""
+        previous = self.path / "baseline.json"
+        command = json.loads(previous.read_text(encoding="utf-8")).get("command") if previous.is_file() else None
+        extra = {"versions": versions(), "command": command or command_line()}
+        _atomic_write(previous, json.dumps(baseline | extra, indent=2) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
         """Every finished trial so far (table and journal), each trial id once."""
@@ -210,24 +216,56 @@ def column_types() -> dict[str, Any]:
         "new": pl.Float64, "elements_changed": pl.Int64, "changes": pl.List(change),
         "bit_counts": pl.List(pl.Struct({"bit": pl.Int64, "count": pl.Int64})), "tensors": pl.List(touched),
         **dict.fromkeys(("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "seconds"), pl.Float64),
-        "nonfinite": pl.Boolean, "error": pl.String, "replica": pl.String,
+        "nonfinite": pl.Boolean, "seq_nll": pl.List(pl.Float64), "error": pl.String, "replica": pl.String,
     }
 
 
 def versions() -> dict[str, str]:
-    import polars
-    import torch
-    import transformers
+    """What a run needs to be reproduced: the packages that compute its numbers, and sensray's git commit
+    when it runs from a checkout (`+dirty` when that checkout has uncommitted changes)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import sensray
 
-    return {
-        "sensray": sensray.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "polars": polars.__version__,
-    }
+    found = {"sensray": sensray.__version__, "python": platform.python_version()}
+    commit = git_commit(Path(sensray.__file__).parent)
+    if commit:
+        found["sensray_commit"] = commit
+    for package in ("torch", "transformers", "numpy", "polars", "ray"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def git_commit(where: Path) -> str | None:
+    """The commit checked out at `where` (with `+dirty` for local changes), or None outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if not (top / where.name / "__init__.py").samefile(where / "__init__.py"):
+            return None  # installed inside some other repository: its commit says nothing about sensray
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def command_line() -> str:
+    """How this process was started, as a shell line (`sensray sweep experiments/bitflip.yaml ...`)."""
+    import shlex
+    import sys
+
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":  # python -m sensray ...
+        program = "python -m " + Path(sys.argv[0]).parent.name
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def _atomic_write(path: Path, text: str) -> None:

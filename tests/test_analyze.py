@@ -169,6 +169,8 @@ def test_no_write_prints_ranked_tables_and_writes_nothing(tmp_path, capsys):
     run = write_run(tmp_path, bitflip_table())
     assert main([str(run), "--no-write", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "16 of 64 trials" in out and "Most sensitive conditions (top 3 of 16)" in out
-    assert "exponent_msb" in out.split("Per flipped bit")[1].splitlines()[3]  # ranked first
+    assert "16 of 64 trials" in out and "Most sensitive conditions (first 3 of 10 rows)" in out
+    fields = out.split("\nBit fields: Per field asked for (first 3 of 4 rows)\n")[1].splitlines()
+    assert fields[0].split()[:3] == ["flip", "n", "×"] and fields[2].split()[0] == "sign"  # IEEE order
+    assert "Catastrophic faults by the field of the bit that flipped" in out  # the study's answer, first
     assert not (run / "analysis").exists()

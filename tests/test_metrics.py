@@ -36,6 +36,16 @@ def test_nll_is_token_weighted_across_batches():
     assert scores.nll == pytest.approx(expected) and scores.ppl == pytest.approx(math.exp(expected))
 
 
+def test_per_sequence_nll_in_batch_order():
+    table = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    batches = [torch.tensor([[0, 0, 1]]), torch.tensor([[1, 0, 0], [1, 1, 1]])]
+    scores = evaluate(FixedLM(table), batches)
+    # per sequence: -(log p(0|0) + log p(1|0)) / 2 | -(log p(0|1) + log p(0|0)) / 2 | -log p(1|1)
+    expected = [-math.log(0.5), -(math.log(0.9) + math.log(0.5)) / 2, -math.log(0.1)]
+    assert scores.seq_nll == pytest.approx(expected)
+    assert math.fsum(scores.seq_nll) / 3 == pytest.approx(scores.nll)  # equal lengths: their mean is the nll
+
+
 def test_kl_and_agreement_against_the_reference():
     model = FixedLM(torch.log(torch.tensor([[0.7, 0.3], [0.2, 0.8]])))
     batches = [torch.tensor([[0, 1, 0, 1]])]
@@ -57,6 +67,7 @@ def test_nonfinite_logits_are_a_result():
     model.table.data[1, 0] = float("nan")
     scores = evaluate(model, batches, ref)
     assert scores.nonfinite and scores.ppl == math.inf and scores.nll == math.inf and scores.kl == math.inf
+    assert scores.seq_nll is None
     assert scores.top1_agreement == pytest.approx(2 / 3)  # the NaN position counts as a disagreement
 
 

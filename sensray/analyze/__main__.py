@@ -15,6 +15,7 @@ with status 2 and a message naming the file.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import shutil
 import sys
 import textwrap
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=2.0, metavar="X",
                         help="a trial is catastrophic when non-finite or its ppl exceeds X times the baseline "
                              "(default 2)")
-    parser.add_argument("--top", type=int, default=10, metavar="N", help="rows per table on the terminal (default 10)")
+    parser.add_argument("--top", type=int, default=10, metavar="N", help="rows per table on the terminal (default 10; "
+                        "the report's own tables show at most 10 or 15 rows, every trial is in report.html)")
     parser.add_argument("--svg", action="store_true", help="write every figure as SVG too")
     parser.add_argument("--no-write", action="store_true", help="print the tables; write no figure or report")
     return parser
@@ -67,19 +69,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _one(run, args: argparse.Namespace, formats: tuple[str, ...], log: "Progress") -> int:
-    from sensray.analyze.render import Table, text_table
+    from sensray.analyze.render import text_table
     from sensray.analyze.report import analyse, timing, write
 
     log("aggregating")
     analysis = analyse(run, args.threshold)
     b, t = run.baseline, run.trials
     print(f"{run.name}/{run.run_id}: {len(t)} trials of {run.kind} on {b['model']} [{b.get('dtype', '?')}], "
-          f"baseline ppl {b['ppl']:.4f} on {b['tokens']:,} tokens; {timing(t)}\n")
+          f"baseline ppl {b['ppl']:.2f} on {b['tokens']:,} tokens; {timing(t)}\n")
     for sentence in analysis.findings:
-        print(_wrap("- " + sentence.replace("**", "")))
-    for title, table in analysis.tables.items():
-        more = f" (top {args.top} of {len(table)})" if len(table) > args.top else ""
-        print(f"\n{title}{more}\n" + text_table(Table.of(table, args.top)))
+        print(_wrap("- " + sentence.replace("**", "").replace("`", "")))
+    for title, table in analysis.tables():
+        more = f" (first {args.top} of {len(table.rows)} rows)" if len(table.rows) > args.top else ""
+        shown = replace(table, rows=table.rows[:args.top])
+        print(f"\n{title}{': ' + table.title if table.title else ''}{more}\n" + text_table(shown))
     if not args.no_write:
         import matplotlib
 

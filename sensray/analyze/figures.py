@@ -1,48 +1,57 @@
 """Figures of a trial table: matplotlib, rendered by the Agg canvas, PNG (and SVG on request).
 
     from sensray.analyze import figures
-    fig = figures.flip_heatmap(trials, baseline_ppl=23.4)      # a matplotlib Figure, or None
+    fig = figures.flip_heatmap(trials, baseline_ppl=43.18, ceiling=47.4)   # a matplotlib Figure, or None
     figures.save(fig, Path("analysis/bitflip-heatmap"), formats=("png", "svg"))
-    figures.figures_for(trials, baseline_ppl=23.4)             # every figure that applies, by name
-    figures.prune_curves(trials, baseline_ppl=23.4)            # pruning: perplexity against sparsity per method
 
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: no global state,
-no window, and a notebook's own backend is left alone. Each figure is titled, its axes carry
-units, and the baseline (delta_ppl = 1, or the baseline perplexity) is drawn on it. Trials that
-went non-finite are never dropped: they are clipped to the top of the scale and marked.
+no window, and a notebook's own backend is left alone. They are sized for the report's width
+(about 8 inches at 130 dpi, shown at 900 px or less), so no text is smaller than 9 points. Each
+figure is titled, its axes carry units, the baseline is drawn on it, and so are the catastrophic
+threshold and the uniform-output ceiling (ppl = vocabulary size) where they are in range. Trials
+that went non-finite are never dropped: they are clipped to the top of the scale and marked. Each
+figure returns with the caption that describes what it draws in *this* run (`Plot`).
+Curves against a dose or a sparsity live in curves.py.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import polars as pl
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from sensray.analyze.render import ratio
+from sensray.analyze import fmt
 from sensray.analyze.tables import CATASTROPHIC, FIELD_ORDER, annotate, module_rank, summarize
 
 BASELINE_STYLE = dict(color="black", linewidth=1.2, linestyle="-")
 THRESHOLD_STYLE = dict(color="#b2182b", linewidth=1.0, linestyle="--")
+CEILING_STYLE = dict(color="#555555", linewidth=1.0, linestyle=":")
 NONFINITE = "#7f0000"  # colour of non-finite trials wherever they are drawn
-DOSES = {  # numeric parameters drawn as curves, with their axis label
-    "sigma": "noise sigma",
-    "rate": "bit-error rate (flipped bits / bits)",
-    "count": "flipped bits per trial",
-}
+WIDTH = 8.0  # inches: the report's width at 130 dpi
+TEXT = 9  # points: the smallest text on any figure
 
 
-def _finished(trials: pl.DataFrame, kind: str | None = None) -> pl.DataFrame:
+@dataclass
+class Plot:
+    """A figure and the caption that says what it shows in this run."""
+
+    fig: Figure
+    caption: str
+
+
+def finished(trials: pl.DataFrame, kind: str | None = None) -> pl.DataFrame:
     t = annotate(trials).filter(pl.col("error").is_null() & pl.col("delta_ppl").is_not_null())
     return t.filter(pl.col("kind") == kind) if kind else t
 
 
-def _title(fig: Figure, title: str, context: str) -> None:
-    fig.suptitle(title + (f"\n{context}" if context else ""), fontsize=11)
+def title(fig: Figure, text: str, context: str) -> None:
+    fig.suptitle(text + (f"\n{context}" if context else ""), fontsize=TEXT + 2)
 
 
 def _significant(low: float, high: float) -> int:
@@ -58,31 +67,50 @@ def _tick_label(value: float, digits: int) -> str:
     return f"{value:.{digits}g}"
 
 
-def plain_log_ticks(axis) -> None:
-    """Log-axis ticks as plain numbers (0.99, 1, 2, 500), not 10^x: ratios near 1 must stay readable."""
-    from matplotlib.ticker import FuncFormatter
+def plain_log_ticks(axis, ticks: Sequence[float] = ()) -> None:
+    """Log-axis ticks as plain numbers (0.99, 1, 2, 500), not 10^x; `ticks` replace the automatic ones
+    (the values that matter: the baseline, the threshold, the ceiling)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     low, high = axis.get_view_interval()
     digits = _significant(low, high)
+    if ticks:
+        axis.set_major_locator(FixedLocator(sorted(ticks)))
+        axis.set_minor_locator(NullLocator())
+        axis.set_major_formatter(FuncFormatter(lambda v, _: fmt.sig(v)))
+        return
     few_decades = high / max(low, 1e-300) < 30  # label the minor ticks only when few major ones show
     axis.set_major_formatter(FuncFormatter(lambda v, _: _tick_label(v, digits)))
     axis.set_minor_formatter(FuncFormatter(lambda v, _: _tick_label(v, digits) if few_decades else ""))
 
 
-def _colour_ticks(norm: LogNorm) -> list[float]:
-    """Round ticks (1, 2, 5, 10, 20, ...; decades alone over a wide range), else five steps; always 1."""
-    low, high = norm.vmin, norm.vmax
-    exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-    round_ = [m * 10.0 ** k for k in exponents for m in (1, 2, 5) if low <= m * 10.0 ** k <= high]
-    if len(round_) > 8:
-        round_ = [t for t in round_ if math.log10(t).is_integer()]
-    ticks = round_ if len(round_) >= 3 else np.geomspace(low, high, 5).tolist()
-    crowd = 0.04 * math.log(high / low)  # ticks closer than this would overprint each other's labels
-    ticks = sorted({1.0, *(t for t in ticks if abs(math.log(t)) > crowd)})
-    return ticks + [high] * (math.log(high / ticks[-1]) > 2 * crowd)  # label the top, where the worst sits
+def ratio_ticks(low: float, high: float, threshold: float, ceiling: float | None) -> list[float]:
+    """Ticks for a ppl / baseline axis from low to high: 1, the threshold and the ceiling when in range, and
+    round values between (1-2-5 per decade over a wide range, about five even steps over a narrow one)."""
+    from matplotlib.ticker import MaxNLocator
+
+    marks = [1.0, threshold] + ([ceiling] if ceiling else [])
+    if high / low < 10:
+        round_ = MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high).tolist()
+    else:
+        exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        round_ = [m * 10.0 ** k for k in exponents for m in (1, 2, 5)]
+    ticks = [t for t in marks if low <= t <= high]
+    for t in round_:  # round values, unless they would overprint a mark
+        if low <= t <= high and all(abs(math.log(t / m)) > 0.08 * math.log(max(high / low, 1.5)) for m in ticks):
+            ticks.append(t)
+    return sorted(ticks)
 
 
-def _threshold_line(ax, value: float, data: np.ndarray, label: str, vertical: bool) -> None:
+def _colour_ticks(norm: Normalize, threshold: float, ceiling: float | None) -> list[float]:
+    ticks = ratio_ticks(norm.vmin, norm.vmax, threshold, ceiling)
+    crowd = 0.05 * math.log(norm.vmax / norm.vmin)
+    if norm.vmax not in ticks and all(abs(math.log(norm.vmax / t)) > crowd for t in ticks):
+        ticks.append(norm.vmax)  # label the top, where the worst sits
+    return sorted(ticks)
+
+
+def threshold_line(ax, value: float, data: np.ndarray, label: str, vertical: bool = False) -> None:
     """The catastrophic threshold, drawn only when the data come near it: a line far above every
     trial would squash them into one pixel, so then the legend says so instead."""
     finite = data[np.isfinite(data) & (data > 0)]
@@ -95,161 +123,13 @@ def _threshold_line(ax, value: float, data: np.ndarray, label: str, vertical: bo
         ax.axhline(value, **THRESHOLD_STYLE, label=label)
 
 
-def _row_order(stats: pl.DataFrame) -> list[str]:
-    """Targets in model order: by layer (spanning patterns last), then module kind."""
-    rows = stats.select("target", "layer", "module").unique().to_dicts()
-    rows.sort(key=lambda r: (r["layer"] is None, r["layer"] or 0, module_rank(r["module"]), r["target"]))
-    return [r["target"] for r in rows]
-
-
-def _flip_order(flips: Sequence[str]) -> list[str]:
-    """Fields in IEEE order (sign first), then bit positions from the most significant down."""
-    fields = [f for f in FIELD_ORDER if f in flips]
-    bits = [f for f in flips if f not in FIELD_ORDER]  # "bit 30", "bit 7", ...
-    return fields + sorted(bits, key=lambda f: -int(f.split()[-1]) if f.split()[-1].isdigit() else 0)
-
-
-def _log_norm(values: np.ndarray, threshold: float) -> LogNorm:
-    """A log colour scale over the finite values, from at most the baseline (1.0) to at least the
-    catastrophic threshold: a run where nothing broke stays pale instead of stretching noise to black."""
-    finite = values[np.isfinite(values)]
-    low = min(finite.min(), 1.0) if finite.size else 1.0
-    high = max(finite.max(), threshold) if finite.size else threshold
-    return LogNorm(vmin=low, vmax=max(high, low * 1.01))
-
-
-def flip_heatmap(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
-                 context: str = "") -> Figure | None:
-    """Bit flips: target (layer) x field or bit position, coloured by median delta_ppl (log).
-
-    A cell whose median is non-finite takes the top colour, is hatched and reads `inf`; a cell
-    where some (not most) trials went non-finite notes how many."""
-    t = _finished(trials, "bitflip")
-    if t.is_empty() or "flip" not in t.columns or t["flip"].null_count() == len(t):
-        return None
-    rows, cols, median, notes = _flip_grid(summarize(t, ["target", "layer", "module", "flip"], threshold), threshold)
-    norm = _log_norm(median, threshold)
-    fig = Figure(figsize=(min(3 + 1.5 * len(cols), 16), min(2.2 + 0.42 * len(rows), 30)), layout="constrained")
-    ax = fig.add_subplot()
-    shown = np.where(np.isinf(median), norm.vmax, median)  # non-finite: top of the scale, marked below
-    image = ax.imshow(np.ma.masked_invalid(shown), cmap="magma_r", norm=norm, aspect="auto")
-    _mark_cells(ax, median, notes, norm, annotate_cells=median.size <= 400)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("flipped bit (IEEE field, or bit position with 0 = least significant)")
-    ax.set_ylabel("target (decoder block or component)")
-    _colourbar(fig, ax, image, norm, baseline_ppl)
-    single = "count" not in t.columns or set(t["count"].drop_nulls()) <= {1}
-    what = "Single-bit faults" if single and "rate" not in t.columns else "Bit flips"
-    _title(fig, f"{what}: median perplexity change per target and flipped bit", context)
-    return fig
-
-
-def _flip_grid(stats: pl.DataFrame, threshold: float) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Rows (targets), columns (flips), the median per cell (nan: no trials), and each cell's text:
-    the median, and how many trials broke when the median hides them."""
-    rows, cols = _row_order(stats), _flip_order(stats["flip"].unique().drop_nulls().to_list())
-    median = np.full((len(rows), len(cols)), np.nan)  # (targets, flips)
-    notes = np.full(median.shape, "", dtype=object)
-    for r in stats.iter_rows(named=True):
-        i, j = rows.index(r["target"]), cols.index(r["flip"])
-        median[i, j] = r["median"]
-        notes[i, j] = ratio(r["median"])
-        if r["nonfinite"] and np.isfinite(r["median"]):
-            notes[i, j] += f"\n{r['nonfinite']}/{r['n']} non-finite"
-        elif r["catastrophic"] and r["median"] <= threshold:
-            notes[i, j] += f"\n{r['catastrophic']}/{r['n']} over {threshold:g}×"
-    return rows, cols, median, notes
-
-
-def _colourbar(fig: Figure, ax, image, norm: LogNorm, baseline_ppl: float) -> None:
-    bar = fig.colorbar(image, ax=ax, label="median ppl / baseline ppl (log)")
-    ticks, digits = _colour_ticks(norm), _significant(norm.vmin, norm.vmax)
-    labels = [_tick_label(v, digits) if v != 1.0 else f"1 = baseline ({baseline_ppl:.4g})" for v in ticks]
-    bar.set_ticks(ticks, labels=labels)
-    bar.ax.minorticks_off()
-    bar.ax.axhline(1.0, **BASELINE_STYLE)
-
-
-def _mark_cells(ax, median: np.ndarray, notes: np.ndarray, norm: LogNorm, annotate_cells: bool) -> None:
-    for (i, j), value in np.ndenumerate(median):
-        if np.isinf(value):
-            ax.add_patch(_hatch(j, i))
-        if annotate_cells and not np.isnan(value):
-            dark = np.isinf(value) or norm(value) > 0.55  # light text on the dark end of magma_r
-            ax.text(j, i, notes[i, j], ha="center", va="center", fontsize=7, color="white" if dark else "black")
-        elif np.isnan(value):
-            ax.text(j, i, "no trials", ha="center", va="center", fontsize=6, color="grey")
-
-
-def _hatch(x: float, y: float):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="white", linewidth=0)
-
-
-def ablation_bars(trials: pl.DataFrame, baseline_ppl: float, context: str = "") -> Figure | None:
-    """Ablations: one panel per mode, bars per layer and module kind, rising from the baseline."""
-    t = _finished(trials, "ablation")
-    if t.is_empty():
-        return None
-    t = t.with_columns(pl.col("mode") if "mode" in t.columns else pl.lit("zero").alias("mode"))
-    stats = summarize(t, ["mode", "target", "layer", "module"])
-    modes = [m for m in ("zero", "mean", "skip") if m in stats["mode"].to_list()]
-    fig = Figure(figsize=(11, 1.5 + 3.2 * len(modes)), layout="constrained")
-    axes = fig.subplots(len(modes), 1, squeeze=False)[:, 0]
-    top = _top(stats["worst"].to_numpy())
-    modules = sorted(stats["module"].unique().to_list(), key=module_rank)
-    colours = dict(zip(modules, palette(len(modules))))  # one colour per module kind in every panel
-    for ax, mode in zip(axes, modes):
-        _bars(ax, stats.filter(pl.col("mode") == mode), top, colours)
-        ax.set_title(f"mode = {mode}", fontsize=10, loc="left")
-        ax.axhline(1.0, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.4g})")
-        ax.set_yscale("log")
-        ax.set_ylabel("perplexity / baseline (log)")
-        ax.autoscale_view()
-        plain_log_ticks(ax.yaxis)
-    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, title="module kind")
-    axes[-1].set_xlabel("decoder block (layer), or component outside the blocks")
-    _title(fig, "Ablations: perplexity change per layer and module kind", context)
-    return fig
-
-
-def _top(values: np.ndarray) -> float:
-    """Where non-finite bars are clipped: a little above the largest finite value (and the baseline)."""
-    finite = values[np.isfinite(values)]
-    return max(finite.max() if finite.size else 1.0, 1.0) * 1.5
-
-
-def _slot(row: dict) -> str:
-    """A bar group: the layer, or the target itself when it has none (embed, lm_head, a pattern)."""
-    return str(row["layer"]) if row["layer"] is not None else row["target"]
-
-
-def _bars(ax, stats: pl.DataFrame, top: float, colours: dict) -> None:
-    rows = sorted(stats.to_dicts(), key=lambda r: (r["layer"] is None, r["layer"] or 0, r["target"]))
-    slots = list(dict.fromkeys(_slot(r) for r in rows))
-    modules = sorted({r["module"] for r in rows}, key=module_rank)
-    width = 0.8 / len(modules)
-    for k, module in enumerate(modules):
-        part = [r for r in rows if r["module"] == module]
-        x = [slots.index(_slot(r)) - 0.4 + width * (k + 0.5) for r in part]
-        y = np.array([r["median"] for r in part], dtype=float)
-        heights = np.where(np.isinf(y), top, y) - 1.0
-        bars = ax.bar(x, heights, bottom=1.0, width=width, color=colours[module], label=module)
-        mark_nonfinite_bars(ax, bars, y, top)
-    ax.set_xticks(range(len(slots)), slots, rotation=0 if len(slots) < 20 else 90)
-
-
-def mark_nonfinite_bars(ax, bars, values: np.ndarray, top: float) -> None:
-    """Bars of non-finite values were clipped to `top`: hatch them and write `inf` above them."""
-    for bar, value in zip(bars, values):
-        if np.isinf(value):
-            bar.set_hatch("///")
-            bar.set_edgecolor(NONFINITE)
-            centre = bar.get_x() + bar.get_width() / 2
-            ax.text(centre, top, "inf", ha="center", va="bottom", fontsize=6, color=NONFINITE)
+def ceiling_line(ax, ceiling: float | None, data: np.ndarray, unit: float = 1.0) -> bool:
+    """The uniform-output ceiling (ppl = vocabulary size) when some trial comes within 2× of it."""
+    finite = data[np.isfinite(data)]
+    if not ceiling or not finite.size or finite.max() * unit < ceiling / 2:
+        return False
+    ax.axhline(ceiling * unit, **CEILING_STYLE, label="uniform output (ppl = vocabulary size)")
+    return True
 
 
 def palette(n: int) -> list:
@@ -259,77 +139,185 @@ def palette(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def dose_curves(trials: pl.DataFrame, baseline_ppl: float, x: str = "sigma", threshold: float = CATASTROPHIC,
-                context: str = "") -> Figure | None:
-    """Perplexity against a numeric dose (sigma, rate, count) per module kind, log-log; each trial a
-    dot, the median per gridded value a line, non-finite trials as crosses on the top edge."""
-    t = _finished(trials)
-    if t.is_empty() or x not in t.columns or t[x].drop_nulls().n_unique() < 2:
+def _luminance(rgba) -> float:
+    r, g, b = rgba[:3]
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def heatmap(ax, values: np.ndarray, text: np.ndarray, rows: list[str], cols: list[str], norm: Normalize,
+            cmap: str) -> object:
+    """A grid coloured by `values` (non-finite: the top colour, hatched; NaN: empty), each cell labelled
+    with its `text` in dark or light ink as its colour needs; returns the image for a colour bar."""
+    from matplotlib import colormaps
+
+    shown = np.where(np.isinf(values), norm.vmax, values)
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm, aspect="auto")
+    colours = colormaps[cmap]
+    size = TEXT + 1 if len(cols) <= 8 else TEXT
+    for (i, j), value in np.ndenumerate(values):
+        if np.isinf(value):
+            ax.add_patch(_hatch(j, i))
+        if np.isnan(value):
+            ax.text(j, i, "no trials", ha="center", va="center", fontsize=TEXT, color="grey")
+            continue
+        dark = np.isinf(value) or _luminance(colours(norm(shown[i, j]))) < 0.5
+        ax.text(j, i, text[i, j], ha="center", va="center", fontsize=size, color="white" if dark else "black")
+    ax.set_xticks(range(len(cols)), cols, fontsize=TEXT)
+    ax.set_yticks(range(len(rows)), rows, fontsize=TEXT)
+    ax.tick_params(length=0)
+    return image
+
+
+def _hatch(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="white", linewidth=0)
+
+
+def ratio_norm(values: np.ndarray, threshold: float, ceiling: float | None) -> LogNorm:
+    """A log colour scale over the finite values, from at most the baseline (1.0) to at least the
+    threshold (a run where nothing broke stays pale), and past the ceiling when a value reaches it."""
+    finite = values[np.isfinite(values)]
+    low = min(finite.min(), 1.0) if finite.size else 1.0
+    high = max(finite.max(), threshold) if finite.size else threshold
+    if ceiling and finite.size and finite.max() >= ceiling / 2:
+        high = max(high, ceiling * 1.15)  # the ceiling sits inside the scale, marked, not at its end
+    return LogNorm(vmin=low, vmax=max(high, low * 1.01))
+
+
+def ratio_colourbar(fig: Figure, ax, image, norm: LogNorm, baseline_ppl: float, threshold: float,
+                    ceiling: float | None) -> None:
+    bar = fig.colorbar(image, ax=ax, label="median ppl / baseline ppl (log)")
+    labels = {1.0: f"1 = baseline (ppl {baseline_ppl:.2f})", threshold: f"{fmt.sig(threshold)} = threshold"}
+    if ceiling:
+        labels[ceiling] = f"{fmt.sig(ceiling)} = uniform output"
+    ticks = _colour_ticks(norm, threshold, ceiling)
+    bar.set_ticks(ticks, labels=[labels.get(t, fmt.sig(t)) for t in ticks])
+    bar.ax.tick_params(labelsize=TEXT)
+    bar.ax.minorticks_off()
+    bar.ax.axhline(1.0, **BASELINE_STYLE)
+    if ceiling and norm.vmin < ceiling < norm.vmax:
+        bar.ax.axhline(ceiling, color="white", linewidth=1.5, linestyle=":")
+
+
+def _flip_order(flips: Sequence[str]) -> list[str]:
+    """Fields in IEEE order (sign first), then bit positions from the most significant down."""
+    fields = [f for f in FIELD_ORDER if f in flips]
+    bits = [f for f in flips if f not in FIELD_ORDER]  # "bit 30", "bit 7", ...
+    return fields + sorted(bits, key=lambda f: -int(f.split()[-1]) if f.split()[-1].isdigit() else 0)
+
+
+def target_order(stats: pl.DataFrame) -> list[str]:
+    """Targets in model order: by layer (spanning patterns last), then module kind."""
+    rows = stats.select("target", "layer", "module").unique().to_dicts()
+    rows.sort(key=lambda r: (r["layer"] is None, r["layer"] or 0, module_rank(r["module"]), r["target"]))
+    return [r["target"] for r in rows]
+
+
+def flip_heatmap(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
+                 ceiling: float | None = None, context: str = "") -> Plot | None:
+    """Bit flips: target x field (or bit) asked for, coloured by the median ppl / baseline, each cell
+    labelled with that median and how many of its trials were catastrophic."""
+    t = finished(trials, "bitflip")
+    if t.is_empty() or "flip" not in t.columns or t["flip"].null_count() == len(t):
         return None
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    stats = summarize(t, ["target", "layer", "module", "flip"], threshold)
+    rows, cols = target_order(stats), _flip_order(stats["flip"].unique().drop_nulls().to_list())
+    median = np.full((len(rows), len(cols)), np.nan)  # (targets, flips)
+    text = np.full(median.shape, "", dtype=object)
+    for r in stats.iter_rows(named=True):
+        i, j = rows.index(r["target"]), cols.index(r["flip"])
+        median[i, j] = r["median"]
+        ratio = f"×{fmt.sig(r['median'])}" if np.isfinite(r["median"]) else "non-finite"
+        text[i, j] = f"{ratio}\n{r['catastrophic']}/{r['n']}"
+    norm = ratio_norm(median, threshold, ceiling)
+    fig = Figure(figsize=(WIDTH, min(2.4 + 0.5 * len(rows), 24)), layout="constrained")
     ax = fig.add_subplot()
-    finite = t.filter(pl.col("ppl").is_finite())["ppl"].to_numpy()
-    top = max(finite.max() if finite.size else baseline_ppl, baseline_ppl) * 1.5
-    gridded = t[x].n_unique() < len(t)  # doses repeat: a grid, so a median per dose means something
-    for module, colour in zip(sorted(t["module"].unique().to_list(), key=module_rank), palette(t["module"].n_unique())):
-        _curve(ax, t.filter(pl.col("module") == module), x, top, colour, module, gridded)
-    if len(finite) < len(t):
-        ax.text(1.0, 1.0, "x on the top edge: non-finite", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
-    ax.axhline(baseline_ppl, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.4g})")
-    _threshold_line(ax, baseline_ppl * threshold, finite, f"catastrophic (> {threshold:g}× baseline)", vertical=False)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.autoscale_view()
-    plain_log_ticks(ax.xaxis)
-    plain_log_ticks(ax.yaxis)
-    relative = "relative" in t.columns and bool(t["relative"].drop_nulls().all())
-    ax.set_xlabel(DOSES.get(x, x) + (" (x each tensor's std)" if x == "sigma" and relative else ""))
-    ax.set_ylabel("perplexity (log scale)")
-    ax.legend(fontsize=7, ncol=2)
-    _title(fig, f"{t['kind'][0].capitalize()}: perplexity against {x} per module kind", context)
+    image = heatmap(ax, median, text, rows, cols, norm, "magma_r")
+    ax.set_xlabel("flipped bit asked for (IEEE field, or bit position; 0 = least significant)", fontsize=TEXT)
+    ax.set_ylabel("target", fontsize=TEXT)
+    ratio_colourbar(fig, ax, image, norm, baseline_ppl, threshold, ceiling)
+    title(fig, "Bit flips: median perplexity change per target and field", context)
+    hatched = " Hatched: the median trial went non-finite." if np.isinf(median).any() else ""
+    at_ceiling = int(np.sum(np.isfinite(median) & (np.abs(np.log(median / ceiling)) < 0.05))) if ceiling else 0
+    ceil = (f" {at_ceiling} cell{'s' * (at_ceiling != 1)} sit at the uniform-output ceiling (×{fmt.sig(ceiling)}, "
+            f"ppl = vocabulary size)." if at_ceiling else "")
+    return Plot(fig, f"Median perplexity / baseline per target and field over {int(stats['n'].max())} draws per "
+                     f"cell (log colour scale); under each median, catastrophic trials / trials.{ceil}{hatched}")
+
+
+def share_heatmap(stats: pl.DataFrame, row: str, col: str, rows: list[str], cols: list[str], context: str,
+                  heading: str, xlabel: str, ylabel: str) -> Figure:
+    """Catastrophic share per (row, col) of a summary, labelled `k/n` and the median ppl / baseline."""
+    share = np.full((len(rows), len(cols)), np.nan)
+    text = np.full(share.shape, "", dtype=object)
+    for r in stats.iter_rows(named=True):
+        if r[row] in rows and r[col] in cols and r["n"]:
+            i, j = rows.index(r[row]), cols.index(r[col])
+            share[i, j], text[i, j] = r["share"], f"{r['catastrophic']}/{r['n']}  ×{fmt.sig(r['median'])}"
+    fig = Figure(figsize=(WIDTH, min(2.0 + 0.38 * len(rows), 20)), layout="constrained")
+    ax = fig.add_subplot()
+    image = heatmap(ax, share, text, rows, cols, Normalize(0, 1), "Reds")
+    ax.set_xlabel(xlabel, fontsize=TEXT)
+    ax.set_ylabel(ylabel, fontsize=TEXT)
+    bar = fig.colorbar(image, ax=ax, label="catastrophic share of trials")
+    bar.set_ticks([0, 0.25, 0.5, 0.75, 1], labels=["0%", "25%", "50%", "75%", "100%"])
+    bar.ax.tick_params(labelsize=TEXT)
+    title(fig, heading, context)
     return fig
-
-
-def _curve(ax, t: pl.DataFrame, x: str, top: float, colour, label: str, gridded: bool) -> None:
-    ok = t.filter(pl.col("ppl").is_finite())
-    ax.scatter(ok[x], ok["ppl"], s=10, alpha=0.45, color=colour)
-    bad = t.filter(~pl.col("ppl").is_finite() | pl.col("nonfinite"))
-    if len(bad):
-        ax.scatter(bad[x], [top] * len(bad), marker="x", s=30, color=colour, clip_on=False)
-    if gridded:
-        medians = t.group_by(x).agg(pl.col("ppl").median()).sort(x)
-        ax.plot(medians[x], np.minimum(medians["ppl"].to_numpy(), top), color=colour, label=label, linewidth=1.6)
-    else:
-        ax.scatter([], [], color=colour, label=label)
 
 
 def distribution(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
-                 context: str = "") -> Figure | None:
+                 ceiling: float | None = None, context: str = "") -> Plot | None:
     """Histogram of delta_ppl on log bins, stacked by the main condition; non-finite trials in a
-    separate bar on the right; the baseline and the catastrophic threshold as vertical lines."""
-    t = _finished(trials)
+    separate bar on the right (only when there are any); the baseline, the threshold and the ceiling."""
+    t = finished(trials)
     if t.is_empty():
         return None
-    hue = next((c for c in ("flip", "mode", "module") if c in t.columns and 1 < t[c].n_unique() <= 10), None)
-    groups = sorted(t[hue].unique().to_list(), key=_hue_key(hue)) if hue else [None]
-    fig = Figure(figsize=(9, 4.8), layout="constrained")
-    ax, side = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [12, 1]})
+    hue = next((c for c in ("flip", "mode", "module", "method") if c in t.columns and 1 < t[c].n_unique() <= 10),
+               None)
+    broken = int((~t["delta_ppl"].is_finite()).sum())
+    fig = Figure(figsize=(WIDTH, 4.4), layout="constrained")
+    if broken:
+        ax, side = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [12, 1]})
+    else:
+        ax, side = fig.add_subplot(), None
     values = t.filter(pl.col("delta_ppl").is_finite())["delta_ppl"].to_numpy()
-    bins = _log_bins(values)
+    parts, colours = _stacked(ax, t, hue, values)
+    if side is not None:
+        _nonfinite_bar(side, parts, colours)
+    _distribution_axis(ax, values, baseline_ppl, threshold, ceiling, hue)
+    title(fig, f"Distribution of the perplexity change over {len(t)} trials", context)
+    caption = f"Every finished trial's perplexity / baseline on log bins{f', stacked by {hue}' if hue else ''}"
+    caption += f"; the {broken} non-finite trials in the bar on the right." if broken else "; no trial went non-finite."
+    return Plot(fig, caption)
+
+
+def _stacked(ax, t: pl.DataFrame, hue: str | None, values: np.ndarray) -> tuple[list[pl.DataFrame], list]:
+    """The finite trials as a histogram stacked by `hue`; returns the groups and their colours."""
+    groups = sorted(t[hue].unique().to_list(), key=_hue_key(hue)) if hue else [None]
     parts = [t.filter(pl.col(hue) == g) if hue else t for g in groups]
     finite = [p.filter(pl.col("delta_ppl").is_finite())["delta_ppl"].to_numpy() for p in parts]
     colours = palette(len(groups))
-    ax.hist(finite, bins=bins, stacked=True, color=colours, label=[str(g) for g in groups] if hue else None)
-    _nonfinite_bar(side, parts, colours)
+    ax.hist(finite, bins=_log_bins(values), stacked=True, color=colours,
+            label=[str(g) for g in groups] if hue else None)
+    return parts, colours
+
+
+def _distribution_axis(ax, values: np.ndarray, baseline_ppl: float, threshold: float, ceiling: float | None,
+                       hue: str | None) -> None:
     ax.set_xscale("log")
-    ax.axvline(1.0, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.4g})")
-    _threshold_line(ax, threshold, values, f"catastrophic threshold ({threshold:g}×)", vertical=True)
-    plain_log_ticks(ax.xaxis)
-    ax.set_xlabel("perplexity / baseline perplexity (log scale)")
-    ax.set_ylabel("trials")
-    ax.legend(fontsize=7, title=hue, title_fontsize=7)
-    _title(fig, f"Distribution of the perplexity change over {len(t)} trials", context)
-    return fig
+    ax.axvline(1.0, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.2f})")
+    threshold_line(ax, threshold, values, f"catastrophic threshold ({threshold:g}×)", vertical=True)
+    shown_ceiling = ceiling if ceiling and values.size and values.max() >= ceiling / 2 else None
+    if shown_ceiling:
+        ax.axvline(ceiling, **CEILING_STYLE, label=f"uniform output (×{fmt.sig(ceiling)})")
+    low, high = ax.get_xlim()
+    plain_log_ticks(ax.xaxis, ratio_ticks(low, high, threshold, shown_ceiling))
+    ax.set_xlabel("perplexity / baseline perplexity (log scale)", fontsize=TEXT)
+    ax.set_ylabel("trials", fontsize=TEXT)
+    ax.tick_params(labelsize=TEXT)
+    ax.legend(fontsize=TEXT, title=hue, title_fontsize=TEXT, loc="upper right")
 
 
 def _nonfinite_bar(ax, parts: list[pl.DataFrame], colours: list) -> None:
@@ -339,8 +327,8 @@ def _nonfinite_bar(ax, parts: list[pl.DataFrame], colours: list) -> None:
         count = int((~part["delta_ppl"].is_finite()).sum())
         ax.bar(0, count, bottom=bottom, color=colour, hatch="///", edgecolor=NONFINITE)
         bottom += count
-    ax.text(0, bottom, str(bottom), ha="center", va="bottom", fontsize=8, color=NONFINITE)
-    ax.set_xticks([0], ["non-\nfinite"])
+    ax.text(0, bottom, str(bottom), ha="center", va="bottom", fontsize=TEXT, color=NONFINITE)
+    ax.set_xticks([0], ["non-\nfinite"], fontsize=TEXT)
 
 
 def _hue_key(hue: str | None):
@@ -359,99 +347,12 @@ def _log_bins(values: np.ndarray, count: int = 40) -> np.ndarray:
     return np.geomspace(low, high, count + 1)
 
 
-def prune_curves(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
-                 context: str = "") -> Figure | None:
-    """Pruning: perplexity against sparsity per method (magnitude, wanda, sensitivity; per matrix or
-    per row), log y; the median per sparsity a line, N:M patterns as labelled diamonds at their
-    sparsity, non-finite trials as crosses on the top edge."""
-    t = _finished(trials, "prune")
-    if t.is_empty() or ("sparsity" not in t.columns and "pattern" not in t.columns):
-        return None
-    t = prune_conditions(t)
-    if t["x"].drop_nulls().n_unique() < 2 and t["nm"].is_null().all():
-        return None  # one sparsity, no N:M: nothing to draw a curve through
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    finite = t.filter(pl.col("ppl").is_finite())["ppl"].to_numpy()
-    top = max(finite.max() if finite.size else baseline_ppl, baseline_ppl) * 1.5
-    labels = t["label"].unique(maintain_order=True).sort().to_list()
-    for label, colour in zip(labels, palette(len(labels))):
-        _prune_curve(ax, t.filter(pl.col("label") == label), top, colour, label)
-    if len(finite) < len(t):
-        ax.text(1.0, 1.0, "x on the top edge: non-finite", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
-    ax.axhline(baseline_ppl, **BASELINE_STYLE, label=f"baseline (ppl {baseline_ppl:.4g})")
-    _threshold_line(ax, baseline_ppl * threshold, finite, f"catastrophic (> {threshold:g}× baseline)", vertical=False)
-    ax.set_yscale("log")
-    ax.autoscale_view()
-    plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("sparsity (share of each pruned weight matrix set to zero)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.legend(fontsize=7, title="method (weights compete per)", title_fontsize=7)
-    _title(fig, "Pruning: perplexity against sparsity per method", context)
-    return fig
-
-
-def prune_conditions(t: pl.DataFrame) -> pl.DataFrame:
-    """Add `x` (the sparsity, implied by N:M when not given), `nm` (the N:M pattern or null) and
-    `label` (method, the score a sensitivity run ranks by, the scope, and the target when several)."""
-    def column(name: str, default) -> pl.Expr:
-        return pl.col(name) if name in t.columns else pl.lit(default)
-
-    method, pattern = column("method", "magnitude"), column("pattern", "unstructured")
-    ranking = pl.when(method == "sensitivity").then(column("score", None).fill_null("magnitude")).otherwise(method)
-    nm = pl.when(pattern != "unstructured").then(pattern)
-    implied = 1 - pattern.str.extract(r"^(\d+):", 1).cast(pl.Float64) / pattern.str.extract(r":(\d+)$", 1).cast(
-        pl.Float64)
-    scope = column("scope", None).fill_null(
-        pl.when((ranking == "wanda") | nm.is_not_null()).then(pl.lit("row")).otherwise(pl.lit("tensor")))
-    name = pl.when(method == "sensitivity").then(pl.format("sensitivity·{}", ranking)).otherwise(method)
-    label = pl.format("{} ({})", name, scope)
-    if 1 < t["target"].n_unique() <= 6:
-        label = pl.format("{}, {}", label, pl.col("target"))
-    return t.with_columns(pl.coalesce(column("sparsity", None).cast(pl.Float64), implied).alias("x"),
-                          nm.alias("nm"), label.alias("label"))
-
-
-def _prune_curve(ax, t: pl.DataFrame, top: float, colour, label: str) -> None:
-    dense = t.filter(pl.col("nm").is_null())
-    ok = dense.filter(pl.col("ppl").is_finite())
-    ax.scatter(ok["x"], ok["ppl"], s=10, alpha=0.45, color=colour)
-    bad = t.filter(~pl.col("ppl").is_finite() | pl.col("nonfinite"))
-    if len(bad):
-        ax.scatter(bad["x"], [top] * len(bad), marker="x", s=30, color=colour, clip_on=False)
-    if len(dense):
-        medians = dense.group_by("x").agg(pl.col("ppl").median()).sort("x")
-        ax.plot(medians["x"], np.minimum(medians["ppl"].to_numpy(), top), color=colour, label=label, linewidth=1.6,
-                marker="o" if len(medians) == 1 else None)
-    structured = t.filter(pl.col("nm").is_not_null() & pl.col("ppl").is_finite())
-    for i, ((pattern,), part) in enumerate(structured.group_by("nm", maintain_order=True)):
-        x, y = part["x"][0], part["ppl"].median()
-        ax.scatter([x], [y], marker="D", s=36, color=colour, edgecolor="black", linewidth=0.6,
-                   label=label if i == 0 and not len(dense) else None)
-        ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7, color=colour)
-
-
-def figures_for(trials: pl.DataFrame, baseline_ppl: float, threshold: float = CATASTROPHIC,
-                context: str = "") -> dict[str, Figure]:
-    """Every figure that applies to this table, by file stem (e.g. `bitflip-heatmap`)."""
-    t = annotate(trials)
-    kind = str(t["kind"][0])
-    made = {
-        f"{kind}-heatmap": flip_heatmap(t, baseline_ppl, threshold, context),
-        "ablation-bars": ablation_bars(t, baseline_ppl, context),
-        **{f"{kind}-{x}-curves": dose_curves(t, baseline_ppl, x, threshold, context) for x in DOSES},
-        "prune-sparsity": prune_curves(t, baseline_ppl, threshold, context),
-        f"{kind}-distribution": distribution(t, baseline_ppl, threshold, context),
-    }
-    return {name: fig for name, fig in made.items() if fig is not None}
-
-
 def save(fig: Figure, stem: Path, formats: Sequence[str] = ("png",), dpi: int = 130) -> list[Path]:
     """Write `stem.png` (and `stem.svg`, ...); returns the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
+    for fmt_ in formats:
+        path = stem.with_name(f"{stem.name}.{fmt_}")
         fig.savefig(path, dpi=dpi, facecolor="white")
         paths.append(path)
     return paths

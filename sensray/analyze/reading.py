@@ -4,10 +4,13 @@
     for sentence in findings(trials, threshold=2.0):
         print(sentence)
 
-Each sentence states one finding with the numbers behind it: how many trials were catastrophic
-(with a Wilson interval when trials are random draws), the most damaging condition, which
-fields or bits, layers, module kinds matter most and least, where noise starts to hurt.
-Sentences use Markdown `code` spans for names; report.py renders them in Markdown and HTML.
+These are the findings every run gets, whatever its kind: how many trials were catastrophic (with
+a Wilson interval when trials are random draws), the most damaging condition, whether the output
+saturates at the uniform-output ceiling, which layers and module kinds matter most and least.
+What a kind's study asks (which bits, where noise breaks a module kind, which component, which
+pruning criterion) is answered by that kind's own section (sensray.analyze.sections), and the
+report puts those answers first. Sentences use Markdown `code` spans for names; report.py renders
+them in Markdown and HTML.
 """
 
 from __future__ import annotations
@@ -17,42 +20,30 @@ import math
 import polars as pl
 
 from sensray.analyze import tables
-from sensray.analyze.render import STATS, percent, ratio
+from sensray.analyze.fmt import percent, span, times
+from sensray.analyze.render import STATS
 
 
-def findings(trials: pl.DataFrame, threshold: float = tables.CATASTROPHIC) -> list[str]:
-    """The reading: overall damage first, then what matters most and least, per kind."""
+GENERIC = ("top", "layers", "modules")  # findings a kind's own section may say better (Section.replaces)
+
+
+def findings(trials: pl.DataFrame, threshold: float = tables.CATASTROPHIC, vocab: int | None = None,
+             skip: frozenset[str] = frozenset()) -> list[str]:
+    """The reading every run gets: overall damage first, then what matters most and least (less what
+    `skip` names from GENERIC: a kind's own section already answers it)."""
     t = tables.annotate(trials)
     if t["delta_ppl"].is_null().all():
         return [s for s in (_overall(t, threshold), _failures(t)) if s]
-    out = [_overall(t, threshold), _top_condition(t, threshold), _plateau(t, threshold)]
-    kind = str(t["kind"][0])
-    if kind == "bitflip":
-        out += [_by_flip(t, threshold)]
-    if kind == "noise":
-        out += [_by_sigma(t, threshold)]
-    if kind == "ablation":
-        out += _ablation(t)
-    out += [_by_layer(t, threshold), _by_module(t, threshold), _failures(t)]
+    out = [_overall(t, threshold), "top" not in skip and _top_condition(t, threshold),
+           _plateau(t, threshold, vocab), "layers" not in skip and _by_layer(t, threshold),
+           "modules" not in skip and _by_module(t, threshold), _failures(t)]
     return [s for s in out if s]
-
-
-def times(x: float | None) -> str:
-    """delta_ppl as a multiplier: ×1.0004, ×412.7, non-finite."""
-    if x is None:
-        return "n/a"
-    return "non-finite" if not math.isfinite(x) else f"×{ratio(x)}"
-
-
-def change(x: float) -> str:
-    """A relative change, however small: 0%, 0.0022%, 1.2%."""
-    return "0%" if x == 0 else f"{100 * x:.2g}%" if x < 0.01 else percent(x)
 
 
 def _interval(row: dict) -> str:
     if row.get("ci_low") is None:
         return ""
-    return f", 95% CI {percent(row['ci_low'])}–{percent(row['ci_high'])}"
+    return f", 95% CI {span(row['ci_low'], row['ci_high'], percent)}"
 
 
 def _overall(t: pl.DataFrame, threshold: float) -> str:
@@ -66,8 +57,8 @@ def _overall(t: pl.DataFrame, threshold: float) -> str:
     above = row["catastrophic"] - row["nonfinite"]
     how = [f"{row['nonfinite']} produced non-finite outputs"] * bool(row["nonfinite"])
     how += [f"{above} {'more ' * bool(how)}raised perplexity above {threshold:g}× the baseline"] * bool(above)
-    return (f"**{row['catastrophic']} of {row['n']} trials ({percent(row['share'])}{_interval(row)}) were "
-            f"catastrophic**: " + " and ".join(how) + ".")
+    return (f"{row['catastrophic']} of {row['n']} trials ({percent(row['share'])}{_interval(row)}) were "
+            f"catastrophic: " + " and ".join(how) + ".")
 
 
 def _condition(row: dict, keys: list[str]) -> str:
@@ -83,7 +74,7 @@ def _top_condition(t: pl.DataFrame, threshold: float) -> str:
     row = ranked.row(0, named=True)
     spread = ""
     if row["n"] > 1:
-        spread = f"; middle half {ratio(row['q25'])}–{ratio(row['q75'])}, worst {times(row['worst'])}"
+        spread = f"; middle half {span(row['q25'], row['q75'])}, worst {times(row['worst'])}"
     tied = _tied(ranked, row)
     lead = (f"{tied} conditions tie as the most damaging, e.g. {_condition(row, keys)}" if tied > 1
             else f"The most damaging condition is {_condition(row, keys)}")
@@ -106,21 +97,7 @@ def _absolute(t: pl.DataFrame, row: dict, keys: list[str]) -> str:
     """The perplexity itself, not only its ratio: a ceiling such as the vocabulary size shows up here."""
     match = t.filter(pl.all_horizontal([pl.col(k) == row[k] for k in keys if row.get(k) is not None]))
     median = match["ppl"].median()
-    return f" (ppl {median:.1f})" if median is not None and math.isfinite(median) else ""
-
-
-def _by_flip(t: pl.DataFrame, threshold: float) -> str:
-    flips = tables.by_flip(t, threshold)
-    if flips.is_empty():
-        return ""
-    flips = flips.sort(["share", "median"], descending=True)
-    parts = [f"`{r['flip']}` {percent(r['share'])} (median {times(r['median'])})" for r in flips.iter_rows(named=True)]
-    moved = (t.filter(pl.col("delta_ppl").is_not_null()).group_by("flip")
-             .agg((pl.col("delta_ppl") - 1).abs().max().alias("moved")).sort("moved", "flip"))
-    mildest, most = moved.row(0, named=True), moved["moved"][0]
-    tail = (f" Flips of `{mildest['flip']}` never moved perplexity by more than {change(most)}."
-            if math.isfinite(most) else "")
-    return "By flipped bit, the share of catastrophic trials: " + ", ".join(parts) + "." + tail
+    return f" (ppl {median:,.2f})" if median is not None and math.isfinite(median) else ""
 
 
 def _extremes(table: pl.DataFrame) -> tuple[dict, dict] | None:
@@ -144,9 +121,12 @@ def _by_layer(t: pl.DataFrame, threshold: float) -> str:
                 f"({percent(most['share'])}), worst {_span(layers['worst'])}; medians {_span(layers['median'])}.")
 
     def say(r: dict) -> str:
-        return (f"`blocks.{r['layer']}` (median {times(r['median'])}, catastrophic {percent(r['share'])}, "
-                f"worst {times(r['worst'])})")
-    return f"By layer, the most sensitive is {say(most)} and the least {say(least)}."
+        return (f"`blocks.{r['layer']}` (median {times(r['median'])}, catastrophic {percent(r['share'])}"
+                f"{_interval(r)}, worst {times(r['worst'])})")
+    overlap = (most.get("ci_low") is not None and least["ci_high"] >= most["ci_low"]
+               and most["catastrophic"] != least["catastrophic"])
+    tail = (": their intervals overlap, so no block is more fragile than another beyond chance" if overlap else "")
+    return f"By layer, the most sensitive is {say(most)} and the least {say(least)}{tail}."
 
 
 def _span(values: pl.Series) -> str:
@@ -163,40 +143,7 @@ def _by_module(t: pl.DataFrame, threshold: float) -> str:
             f"{percent(most['share'])}) and `{least['module']}` least (median {times(least['median'])}).")
 
 
-def _by_sigma(t: pl.DataFrame, threshold: float) -> str:
-    breaks = tables.threshold_sigma(t, threshold)
-    if breaks.is_empty():
-        return ""
-    broke = breaks.filter(pl.col("breaks_at").is_not_null()).sort("breaks_at")
-    held = breaks.filter(pl.col("breaks_at").is_null())
-    text = []
-    if len(broke):
-        text.append(f"Median perplexity passes {threshold:g}× the baseline for " + ", ".join(
-            f"`{r['module']}` at sigma {r['breaks_at']:g}" for r in broke.iter_rows(named=True)) + ".")
-    if len(held):
-        text.append(f"It stays below {threshold:g}× up to the largest sigma tried ({held['max_sigma'].max():g}) for "
-                    + ", ".join(f"`{m}`" for m in held["module"]) + ".")
-    return " ".join(text)
-
-
-def _ablation(t: pl.DataFrame) -> list[str]:
-    out = []
-    ranked = tables.summarize(t, ["mode", "target"])
-    for mode in ("zero", "mean", "skip"):
-        part = ranked.filter((pl.col("mode") == mode) & (pl.col("n") > 0)) if "mode" in ranked.columns else ranked
-        if part.is_empty():
-            continue
-        top = part.head(3).iter_rows(named=True)
-        small = (part["median"] - 1).abs() < 0.01
-        out.append(f"Ablation `{mode}`: the costliest targets are " + ", ".join(
-            f"`{r['target']}` ({times(r['median'])})" for r in top) + f"; {int(small.sum())} of {len(part)} "
-            f"change perplexity by less than 1%.")
-        if "mode" not in ranked.columns:
-            break
-    return out
-
-
-def _plateau(t: pl.DataFrame, threshold: float) -> str:
+def _plateau(t: pl.DataFrame, threshold: float, vocab: int | None) -> str:
     """Many catastrophic trials at one identical perplexity: the output saturates, whatever broke."""
     broken = t.filter(tables.catastrophic_expr(threshold) & pl.col("ppl").is_finite())
     if len(broken) < 4:
@@ -205,9 +152,18 @@ def _plateau(t: pl.DataFrame, threshold: float) -> str:
     level, count, targets = counts.sort("len", "level", descending=[True, False]).row(0)
     if count < max(3, len(broken) // 4):
         return ""
+    if vocab and abs(math.log(level / vocab)) < 0.01:
+        where = (f"the uniform-output ceiling: a guess spread evenly over the {vocab:,}-token vocabulary scores "
+                 f"exactly ppl {vocab:,}")
+    elif vocab:  # the same level whatever broke: one fixed distribution, not uniform (worse when above V)
+        side = "above" if level > vocab else "below"
+        where = (f"one fixed output distribution, {side} the uniform-output ceiling (ppl {vocab:,}, the vocabulary "
+                 f"size){': confidently wrong, worse than guessing' if level > vocab else ''}")
+    else:
+        where = "one fixed output distribution (uniform guessing over a vocabulary of V tokens gives perplexity V)"
     return (f"{count} of the {len(broken)} catastrophic trials that stayed finite land on the same perplexity, "
-            f"{level:.1f}, across {targets} target{'s' * (targets != 1)}: the damaged model's output saturates at "
-            f"one fixed distribution (uniform guessing over a vocabulary of V tokens gives perplexity V).")
+            f"{level:,.2f}, across {targets} target{'s' * (targets != 1)}: the damaged model's output saturates at "
+            f"{where}.")
 
 
 def _failures(t: pl.DataFrame) -> str:

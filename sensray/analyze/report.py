@@ -1,14 +1,19 @@
-"""The analysis of one run: tables, findings, figures, and the files they are written to.
+"""The analysis of one run: its sections, the reading, and the files they are written to.
 
     from sensray.analyze.report import analyse, write
     analysis = analyse(load_run("results/bitflip/<run id>"), threshold=2.0)
     write(analysis, out=Path("results/bitflip/<run id>/analysis"))
 
 writes, into `out`:
-    report.md      what was run, the baseline, the reading, the top tables, the figures inline
-    report.html    the same, one self-contained page (figures embedded as base64)
+    report.md      what was run (the study's question, the command, versions), the baseline with its
+                   interval and ceiling, the reading, then each section's tables and figures
+    report.html    the same, one self-contained page (figures embedded as base64, every trial in a
+                   sortable, filterable table, no network)
     summary.json   the same numbers for machines (non-finite values as the string "inf")
     <kind>-*.png   the figures (and .svg with formats=("png", "svg"))
+
+Sections come from sensray.analyze.sections: the perturbation kind's own (faults, dose, ablations,
+pruning), other analyses' (formats, tasks), then those every run gets (overview).
 """
 
 from __future__ import annotations
@@ -17,98 +22,80 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import polars as pl
 import yaml
 
-from sensray.analyze import figures, tables
+from sensray.analyze import fmt, tables
+from sensray.analyze.figures import save
+from sensray.analyze.overview import columns_note
 from sensray.analyze.reading import findings
 from sensray.analyze.render import Bullets, Code, Document, Figure, Heading, Para, Table, html, markdown
 from sensray.analyze.run import Run
+from sensray.analyze.sections import TOP, Context, Section, collect
 
-TOP = 10  # rows of the ranked tables in the report and on the terminal
-CAPTIONS = {
-    "heatmap": "Median perplexity change per target and flipped bit (log colour scale; hatched: non-finite).",
-    "bars": "Perplexity change per layer and module kind for each ablation mode (log scale, bars rise from the "
-            "baseline).",
-    "curves": "Perplexity against the perturbation's strength per module kind (log-log; x on the top edge: "
-              "non-finite).",
-    "sparsity": "Perplexity against sparsity per pruning method (log scale; lines through the median per sparsity, "
-                "diamonds: N:M patterns at their sparsity; in parentheses, whether weights compete per matrix or "
-                "per output row).",
-    "distribution": "Distribution of the perplexity change over all trials; non-finite trials in the right-hand bar.",
-}
+__all__ = ["Analysis", "TOP", "analyse", "document", "summary", "timing", "write"]
 
 
 @dataclass
 class Analysis:
     run: Run
     threshold: float
-    tables: dict[str, pl.DataFrame]  # title -> summary, in report order
-    findings: list[str]
-    figures: dict[str, list[Path]] = field(default_factory=dict)  # stem -> files written
+    context: Context
+    sections: list[Section]
+    findings: list[str]  # the reading: the sections' answers to the study's question first
+
+    def tables(self) -> Iterator[tuple[str, Table]]:
+        """(section title, table) of every table in the report, in order (the terminal prints these)."""
+        for part in self.sections:
+            for block in part.blocks:
+                if isinstance(block, Table):
+                    yield part.title, block
 
 
 def analyse(run: Run, threshold: float = tables.CATASTROPHIC) -> Analysis:
-    """Every aggregation and the plain-language reading of a run (nothing written)."""
-    t = tables.annotate(run.trials)
-    named = {
-        "Most sensitive conditions": tables.rank_targets(t, threshold),
-        "Per layer": tables.by_layer(t, threshold),
-        "Per module kind": tables.by_module(t, threshold),
-        "Per flipped bit": tables.by_flip(t, threshold),
-        "Per module kind and sigma": tables.by_sigma(t, threshold),
-        "Worst trials, exactly what they changed": tables.worst_trials(t, TOP),
-    }
-    return Analysis(run, threshold, {k: v for k, v in named.items() if not v.is_empty()}, findings(t, threshold))
-
-
-def context(run: Run) -> str:
-    """One line under every figure title: which model, which run, which baseline."""
-    b = run.baseline
-    return f"{b['model']} [{b.get('dtype', '?')}] · baseline ppl {b['ppl']:.4g} · {run.name}/{run.run_id}"
+    """Every section and the plain-language reading of a run (nothing written)."""
+    ctx = Context(run, tables.annotate(run.trials), threshold)
+    parts = collect(ctx)
+    answers = [a for part in parts for a in part.answers]
+    extra = [f for part in parts for f in part.findings]
+    skip = frozenset().union(*(part.replaces for part in parts))
+    return Analysis(run, threshold, ctx, parts, answers + findings(ctx.trials, threshold, ctx.vocab, skip) + extra)
 
 
 def write(analysis: Analysis, out: Path, formats: Sequence[str] = ("png",),
           log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Figures, report.md, report.html and summary.json into `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    run = analysis.run
-    made = figures.figures_for(run.trials, run.baseline["ppl"], analysis.threshold, context(run))
-    for i, (stem, fig) in enumerate(made.items(), 1):
-        log(f"figure {i}/{len(made)}: {stem}")
-        analysis.figures[stem] = figures.save(fig, out / stem, formats)
+    pending = [b for part in analysis.sections for b in part.blocks if isinstance(b, Figure) and b.fig is not None]
+    written = []
+    for i, block in enumerate(pending, 1):
+        log(f"figure {i}/{len(pending)}: {block.stem}")
+        paths = save(block.fig, out / block.stem, formats)
+        block.path, block.fig = paths[0], None  # saved: the page embeds the file, the figure is freed
+        written += paths
     doc = document(analysis)
-    written = [p for paths in analysis.figures.values() for p in paths]
-    for name, text in (("report.md", markdown(doc, out)), ("report.html", html(doc)),
-                       ("summary.json", json.dumps(summary(analysis), indent=2, allow_nan=False) + "\n")):
+    for name, text in (("report.md", lambda: markdown(doc, out)), ("report.html", lambda: html(doc)),
+                       ("summary.json", lambda: json.dumps(summary(analysis), indent=2, allow_nan=False) + "\n")):
         log(f"writing {name}")
-        (out / name).write_text(text, encoding="utf-8")
+        (out / name).write_text(text(), encoding="utf-8")
         written.append(out / name)
     return written
 
 
 def document(analysis: Analysis) -> Document:
-    run = analysis.run
+    run, ctx = analysis.run, analysis.context
     doc = Document(f"sensray analysis: {run.name} / {run.run_id}")
-    doc.add(Heading("What was run"), Bullets(what_was_run(run)), Heading("Baseline"), Bullets(baseline_lines(run)))
-    doc.add(Heading("Reading"), Bullets(analysis.findings))
-    if analysis.figures:
-        doc.add(Heading("Figures"))
-    for stem, paths in analysis.figures.items():
-        doc.add(Figure(paths[0], CAPTIONS.get(stem.rsplit("-", 1)[-1], stem)))
-    doc.add(Heading("Tables"), Para(
-        f"Numbers are perplexity / baseline perplexity over the trials of each group (seeds, samples); q25–q75 is "
-        f"the middle half. Catastrophic: non-finite, or above {analysis.threshold:g}× the baseline (`--threshold`); "
-        f"95% CI is a Wilson interval on that share, where the trials are random draws (the kind takes a seed)."))
-    for title, table in analysis.tables.items():
-        shown = TOP if title == "Most sensitive conditions" else None
-        suffix = f" (top {TOP} of {len(table)})" if shown and len(table) > TOP else ""
-        doc.add(Heading(title + suffix, 3), Table.of(table, shown))
-    doc.add(Heading("Next"), Code(next_commands(run, analysis.threshold)))
+    doc.add(Heading("What was run", anchor="run"), Bullets(what_was_run(run)),
+            Heading("Baseline", anchor="baseline"), Bullets(baseline_lines(ctx)),
+            Heading("Reading", anchor="reading"), Bullets(analysis.findings),
+            Para("How numbers are written: " + fmt.POLICY + ". " + columns_note(ctx)))
+    for part in analysis.sections:
+        doc.add(Heading(part.title, anchor=part.key), *part.blocks)
+    doc.add(Heading("Next", anchor="next"), Code(next_commands(run, analysis.threshold)))
     return doc
 
 
@@ -117,11 +104,15 @@ def what_was_run(run: Run) -> list[str]:
     data = spec.get("data", {})
     failed = t["error"].is_not_null().sum()
     space = yaml.safe_dump(spec.get("space", {}), default_flow_style=True, width=10_000).strip()
+    question = f"**{spec['description']}**" if spec.get("description") else "(the spec has no description)"
     return [
-        f"experiment `{run.name}`" + (f": {spec['description']}" if spec.get("description") else ""),
+        f"experiment `{run.name}`: {question}",
         f"run `{run.path}`" + (f", started {started(run.run_id)}" if started(run.run_id) else ""),
+        f"command `{b['command']}`" if b.get("command") else "command: not recorded (a run from before sensray "
+                                                             "recorded it)",
+        f"versions: {versions_line(b.get('versions') or {})}",
         f"model `{b['model']}` ({b.get('source', b['model'])}), {b.get('dtype', '?')} on {b.get('device', '?')}, "
-        f"{b.get('parameters', 0):,} parameters",
+        f"{b.get('parameters', 0):,} parameters" + (f", vocabulary {b['vocab_size']:,}" if b.get("vocab_size") else ""),
         f"data `{data.get('corpus', '?')}`: {b.get('sequences', '?')} sequences of {data.get('seq_len', '?')} "
         f"tokens ({b['tokens']:,} scored)",
         f"perturbation `{spec.get('perturbation', run.kind)}`, space `{space}`, num_samples "
@@ -129,6 +120,16 @@ def what_was_run(run: Run) -> list[str]:
         *_search_line(spec.get("search")),
         f"{len(t)} trials ({failed} failed); {timing(t)}",
     ]
+
+
+def versions_line(versions: dict[str, str]) -> str:
+    """sensray first (with its commit), then the packages that compute the numbers."""
+    if not versions:
+        return "not recorded"
+    commit = versions.get("sensray_commit")
+    head = f"sensray {versions.get('sensray', '?')}" + (f" (git {commit})" if commit else "")
+    rest = [f"{k} {v}" for k, v in versions.items() if k not in ("sensray", "sensray_commit")]
+    return ", ".join([head, *rest])
 
 
 def _search_line(search: dict | None) -> list[str]:
@@ -155,54 +156,79 @@ def timing(t: pl.DataFrame) -> str:
             f"(≈ {busiest:.1f} s wall for the busiest)")
 
 
-def baseline_lines(run: Run) -> list[str]:
-    b = run.baseline
+def baseline_lines(ctx: Context) -> list[str]:
+    b = ctx.run.baseline
+    lines = [f"perplexity **{fmt.ppl(b['ppl'])}**" + _baseline_interval(ctx)
+             + f" (mean NLL {b['nll']:.4f} nats/token) on {b['tokens']:,} tokens"]
+    if ctx.ceiling:
+        lines.append(f"uniform-output ceiling: a uniform guess over the {ctx.vocab:,}-token vocabulary scores ppl "
+                     f"{ctx.vocab:,}, ×{fmt.sig(ctx.ceiling)} the baseline; a model whose output collapses to such a "
+                     f"guess lands there whatever broke it (one that is confidently wrong can go beyond)")
     after = b.get("checksum_after_sweep")
     restored = "weights restored bit-exactly (checksum at load = after the sweep)"
-    if after != b.get("checksum_at_load"):
+    if after is None:
+        restored = "weights checksum after the sweep: not recorded (the sweep did not finish)"
+    elif after != b.get("checksum_at_load"):
         restored = f"**weights checksum changed**: {b.get('checksum_at_load')} at load, {after} after the sweep"
-    return [f"perplexity **{b['ppl']:.4f}** (mean NLL {b['nll']:.4f} nats/token) on {b['tokens']:,} tokens", restored]
+    return lines + [restored]
+
+
+def _baseline_interval(ctx: Context) -> str:
+    if ctx.seq is None:
+        return " (no interval: this run did not record per-sequence NLLs)"
+    _, low, high = ctx.seq.baseline()
+    return (f", 95% CI {fmt.span(low, high, fmt.ppl)} over resampled eval sequences ({ctx.seq.count} sequences; "
+            f"what another sample of this text could give)")
 
 
 def next_commands(run: Run, threshold: float) -> str:
     """What to run next: listen to the most damaging finite trial, and to the mildest catastrophic one."""
     finite = run.trials.filter(pl.col("delta_ppl").is_finite()).sort("delta_ppl", descending=True)
-    lines = [f"python -m sensray.analyze {run.path} --threshold 10    # count only 10x perplexity as catastrophic"]
+    # Each comment on its own line above its command: a narrow page wraps the command, never hides the why.
+    lines = ["# count only 10x perplexity as catastrophic", f"python -m sensray.analyze {run.path} --threshold 10"]
     picks = {"the most damaging finite trial": finite.head(1),
              "the mildest catastrophic one": finite.filter(pl.col("delta_ppl") > threshold).tail(1)}
     seen: set[str] = set()
     for what, pick in picks.items():
         if len(pick) and pick["trial_id"][0] not in seen:
             seen.add(pick["trial_id"][0])
-            lines.append(f"python -m sensray.generate --run {run.path} --trial {pick['trial_id'][0]} --ignore-eos"
-                         f"    # {what} (×{pick['delta_ppl'][0]:.4g})")
+            lines += [f"# hear {what} (×{fmt.sig(pick['delta_ppl'][0])})",
+                      f"python -m sensray.generate --run {run.path} --trial {pick['trial_id'][0]} --ignore-eos"]
     return "\n".join(lines)
 
 
 def summary(analysis: Analysis) -> dict[str, Any]:
     """Everything in the report as plain JSON: non-finite numbers become the string "inf"."""
-    run, t = analysis.run, analysis.run.trials
+    run, ctx, t = analysis.run, analysis.context, analysis.run.trials
     overall = tables.catastrophic_share(t, analysis.threshold).row(0, named=True)
+    baseline = {k: run.baseline.get(k) for k in ("ppl", "nll", "tokens", "sequences", "vocab_size",
+                                                 "checksum_at_load", "checksum_after_sweep")}
+    if ctx.seq is not None:
+        baseline["ppl_low"], baseline["ppl_high"] = ctx.seq.baseline()[1:]
     return _json_safe({
         "run": {"path": str(run.path), "id": run.run_id, "name": run.name, "kind": run.kind,
-                "started": started(run.run_id),
+                "question": run.spec.get("description"), "started": started(run.run_id),
+                "command": run.baseline.get("command"), "versions": run.baseline.get("versions"),
                 "trials": len(t), "failed": int(t["error"].is_not_null().sum()),
                 "replicas": t["replica"].n_unique(), "trial_seconds": t["seconds"].sum()},
         "model": {k: run.baseline.get(k) for k in ("model", "source", "dtype", "device", "parameters")},
         "data": run.spec.get("data", {}),
         "space": run.spec.get("space", {}),
-        "baseline": {k: run.baseline.get(k) for k in ("ppl", "nll", "tokens", "sequences", "checksum_at_load",
-                                                      "checksum_after_sweep")},
+        "baseline": baseline,
+        "ceiling": ctx.ceiling,
         "threshold": analysis.threshold,
         "catastrophic": overall,
-        "tables": {_slug(title): table.to_dicts() for title, table in analysis.tables.items()},
         "findings": analysis.findings,
-        "figures": {stem: [p.name for p in paths] for stem, paths in analysis.figures.items()},
+        "sections": {part.key: {"title": part.title, "answers": part.answers,
+                                **{name: _rows(value) for name, value in part.data.items()}}
+                     for part in analysis.sections},
+        "figures": {b.stem: b.path.name for part in analysis.sections for b in part.blocks
+                    if isinstance(b, Figure) and b.path is not None},
     })
 
 
-def _slug(title: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+def _rows(value: Any) -> Any:
+    return value.to_dicts() if isinstance(value, pl.DataFrame) else value
 
 
 def _json_safe(value: Any) -> Any:

@@ -5,26 +5,34 @@
     t = tables.annotate(pl.read_parquet("results/bitflip/<run id>/trials.parquet"))
     tables.rank_targets(t).head(10)      # the most sensitive (target, field) conditions
     tables.by_layer(t); tables.by_module(t); tables.by_flip(t); tables.by_sigma(t)
+    tables.by_matrix(t); tables.by_bit(t)   # what the trials actually hit (provenance columns)
     tables.catastrophic_share(t, threshold=2.0, by=["field"])
 
-Every summary has the same statistics of `delta_ppl` (ppl / baseline ppl) over the trials of a
-group (seeds, samples): `n`, `median`, `q25`/`q75` (the spread), `worst` (max; inf when any trial
-went non-finite), `catastrophic` (trials non-finite or above the threshold), `share`, and a 95%
-Wilson interval `ci_low`/`ci_high` when the trials are random draws (the kind takes a seed);
-a census such as one ablation per component has no sampling error, so its interval is null.
-Failed trials (an `error`) have no metrics: they are counted in `failed` and left out of the rest.
+Every summary has the same statistics over the trials of a group (seeds, samples): `n`, `distinct`
+(distinct weight positions hit, for kinds that change single elements; distinct draws otherwise),
+of `delta_ppl` (ppl / baseline ppl) the `median`, `q25`/`q75` (the spread) and `worst` (max; inf
+when any trial went non-finite); the medians of `ppl`, `top1` (top-1 agreement with the baseline)
+and `kl` (KL(baseline || perturbed) per position, nats); `catastrophic` (trials non-finite or above the
+threshold), `share`, and a 95% Wilson interval `ci_low`/`ci_high` when the trials are random draws
+(the kind takes a seed); a census such as one ablation per component has no sampling error, so its
+interval is null. Given `seq` (stats.Sequences), `median_low`/`median_high` and `ppl_low`/`ppl_high`
+bound the medians over resampled eval sequences (and draws). Failed trials (an `error`) have no
+metrics: they are counted in `failed` and left out of the rest.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import polars as pl
 
 from sensray.changes import describe
 from sensray.results import FIRST_COLUMNS, LAST_COLUMNS, PROVENANCE
+
+if TYPE_CHECKING:
+    from sensray.analyze.stats import Sequences
 
 CATASTROPHIC = 2.0  # default threshold: a trial that at least doubles perplexity is catastrophic
 Z95 = 1.959963984540054
@@ -140,22 +148,30 @@ def _wilson_exprs(random: bool, z: float = Z95) -> list[pl.Expr]:
     ]
 
 
-def summarize(trials: pl.DataFrame, by: Sequence[str], threshold: float = CATASTROPHIC) -> pl.DataFrame:
-    """The delta_ppl statistics per group of `by`, most sensitive first (median, then share, then worst)."""
+SORTED = "most damaging first: median ppl / baseline, then catastrophic share, then worst trial"
+
+
+def summarize(trials: pl.DataFrame, by: Sequence[str], threshold: float = CATASTROPHIC,
+              seq: "Sequences | None" = None) -> pl.DataFrame:
+    """The statistics per group of `by`, most sensitive first (`SORTED`)."""
     trials = annotate(trials)
     delta = pl.col("delta_ppl")
-    stats = trials.group_by(list(by)).agg(
+    stats = trials.with_columns(_positions(trials)).group_by(list(by)).agg(
         delta.count().cast(pl.Int64).alias("n"),
+        _distinct(trials),
         pl.col("error").is_not_null().sum().cast(pl.Int64).alias("failed"),
         delta.median().alias("median"),
         delta.quantile(0.25).alias("q25"),
         delta.quantile(0.75).alias("q75"),
         delta.max().alias("worst"),
+        *[_median(trials, c, alias) for c, alias in (("ppl", "ppl"), ("top1_agreement", "top1"), ("kl", "kl"))],
         catastrophic_expr(threshold).sum().cast(pl.Int64).alias("catastrophic"),
         pl.col("nonfinite").sum().cast(pl.Int64).alias("nonfinite"),
     )
     share = pl.when(pl.col("n") > 0).then(pl.col("catastrophic") / pl.col("n"))
     stats = stats.with_columns(share.alias("share")).with_columns(_wilson_exprs(is_random(trials)))
+    if seq is not None:
+        stats = stats.join(seq.cells(trials, by, is_random(trials)), on=list(by), how="left", nulls_equal=True)
     # Medians are compared to 4 decimals: differences of 1e-6 are evaluation noise, and between such
     # groups the catastrophic share (then the worst trial) says more. Remaining ties (common: many
     # conditions saturate at one perplexity) fall back to the keys, for the same order on every run.
@@ -163,38 +179,102 @@ def summarize(trials: pl.DataFrame, by: Sequence[str], threshold: float = CATAST
     return stats.sort(keys, descending=[True, True, True, *[False] * len(by)], nulls_last=True)
 
 
-def rank_targets(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl.DataFrame:
+def _median(trials: pl.DataFrame, column: str, alias: str) -> pl.Expr:
+    """The median of a metric column; null for tables written before the column existed."""
+    present = column in trials.columns
+    return (pl.col(column).median() if present else pl.lit(None, pl.Float64)).alias(alias)
+
+
+def _positions(trials: pl.DataFrame) -> pl.Expr:
+    """Per trial, the weight positions it changed (`tensor[index]`), from its provenance; null when
+    the kind changes whole tensors (noise, prune, ablation) or the table predates provenance."""
+    if "changes" not in trials.columns or trials["changes"].null_count() == len(trials):
+        return pl.lit(None, pl.List(pl.String)).alias("_positions")
+    where = pl.format("{}[{}]", pl.element().struct.field("tensor"), pl.element().struct.field("index"))
+    return pl.col("changes").list.eval(where).alias("_positions")
+
+
+def _distinct(trials: pl.DataFrame) -> pl.Expr:
+    """Distinct positions hit when the kind records them, else distinct draws (a draw is keyed by the
+    seed and the target: sensray.perturbations.base.keyed_rng), else trials."""
+    positions = pl.col("_positions").explode().drop_nulls().n_unique()
+    draws = pl.struct("target", "seed").filter(pl.col("error").is_null()).n_unique() if is_random(trials) else None
+    fallback = draws if draws is not None else pl.col("delta_ppl").count()
+    return pl.when(positions > 0).then(positions).otherwise(fallback).cast(pl.Int64).alias("distinct")
+
+
+def rank_targets(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None
+                 ) -> pl.DataFrame:
     """Each (kind, target, condition) over its seeds/samples, most sensitive first."""
     trials = annotate(trials)
-    return summarize(trials, ["kind", "target", *conditions(trials)], threshold)
+    return summarize(trials, ["kind", "target", *conditions(trials)], threshold, seq)
 
 
-def by_layer(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl.DataFrame:
+def by_layer(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None
+             ) -> pl.DataFrame:
     """Per decoder layer (targets of one layer only), most sensitive first."""
     trials = annotate(trials)
-    return summarize(trials.filter(pl.col("layer").is_not_null()), ["kind", "layer"], threshold)
+    return summarize(trials.filter(pl.col("layer").is_not_null()), ["kind", "layer"], threshold, seq)
 
 
-def by_module(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl.DataFrame:
-    """Per module kind (attn.q, mlp.down, block, embed, ...), most sensitive first."""
-    return summarize(annotate(trials), ["kind", "module"], threshold)
+def by_module(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None
+              ) -> pl.DataFrame:
+    """Per module kind of the target (attn.q, mlp.down, block, embed, ...), most sensitive first."""
+    return summarize(annotate(trials), ["kind", "module"], threshold, seq)
 
 
-def by_flip(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl.DataFrame:
-    """Bit flips per field or bit position (`flip`); empty for other kinds."""
+def by_flip(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None
+            ) -> pl.DataFrame:
+    """Bit flips per field or bit position asked for (`flip`), in IEEE order; empty for other kinds."""
     trials = annotate(trials)
     if "flip" not in trials.columns:
         return pl.DataFrame()
-    return summarize(trials, ["kind", "flip"], threshold)
+    table = summarize(trials, ["kind", "flip"], threshold, seq)
+    return table.sort(pl.col("flip").replace_strict(
+        {f: i for i, f in enumerate(FIELD_ORDER)}, default=len(FIELD_ORDER), return_dtype=pl.Int64), "flip")
 
 
-def by_sigma(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl.DataFrame:
+def by_sigma(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None
+             ) -> pl.DataFrame:
     """Noise per module kind and sigma, in curve order (module, then sigma); empty without sigma."""
     trials = annotate(trials)
     if "sigma" not in conditions(trials):
         return pl.DataFrame()
-    table = summarize(trials, ["kind", "module", "sigma"], threshold)
+    table = summarize(trials, ["kind", "module", "sigma"], threshold, seq)
     return table.sort(module_order(), "sigma")
+
+
+def matrix_of(tensor: str | None) -> str | None:
+    """The kind of weight a tensor name is: `blocks.3.mlp.down.weight` -> `mlp.down`, `lm_head.weight` ->
+    `lm_head`, `blocks.0.norm1.weight` -> `norm1`; None for None."""
+    if tensor is None:
+        return None
+    name = parse_target(tensor)[1]
+    return name.removesuffix(".weight").removesuffix(".bias")
+
+
+def by_matrix(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None,
+              by: Sequence[str] = ()) -> pl.DataFrame:
+    """Per weight matrix kind actually changed (the `tensor` provenance column, not the target pattern),
+    in model order, for trials that changed one tensor; empty when the table has no provenance."""
+    trials = annotate(trials)
+    if "tensor" not in trials.columns or trials["tensor"].null_count() == len(trials):
+        return pl.DataFrame()
+    names = {t: matrix_of(t) for t in trials["tensor"].drop_nulls().unique().to_list()}
+    hit = trials.filter(pl.col("tensor").is_not_null()).with_columns(
+        pl.col("tensor").replace_strict(names, return_dtype=pl.String).alias("matrix"))
+    return summarize(hit, ["kind", "matrix", *by], threshold, seq).sort(module_order("matrix"), *by)
+
+
+def by_bit(trials: pl.DataFrame, threshold: float = CATASTROPHIC, seq: "Sequences | None" = None,
+           by: Sequence[str] = ()) -> pl.DataFrame:
+    """Per bit position actually flipped (the `flipped_bit` provenance column), most significant first,
+    for trials whose flips share one bit; empty when the table has no such column."""
+    trials = annotate(trials)
+    if "flipped_bit" not in trials.columns or trials["flipped_bit"].null_count() == len(trials):
+        return pl.DataFrame()
+    hit = trials.filter(pl.col("flipped_bit").is_not_null())
+    return summarize(hit, ["kind", "flipped_bit", *by], threshold, seq).sort("flipped_bit", *by, descending=True)
 
 
 def catastrophic_share(
@@ -219,19 +299,54 @@ def threshold_sigma(trials: pl.DataFrame, threshold: float = CATASTROPHIC) -> pl
 
 
 def worst_trials(trials: pl.DataFrame, n: int = 10) -> pl.DataFrame:
-    """The `n` most damaging trials (largest delta_ppl, non-finite first) and exactly what each changed:
-    tensor, element, bit and old -> new value for element-wise kinds; share and size of the change per
-    tensor for the others (sensray.changes)."""
+    """The `n` most damaging trials (`WORST_ORDER`) and exactly what each changed: the tensor, element,
+    bit and old -> new value for element-wise kinds (with the count when a trial changed several);
+    what each touched tensor lost, in words, for the others (sensray.changes)."""
     trials = annotate(trials)
     ranked = (trials.filter(pl.col("delta_ppl").is_not_null())
               .sort(["delta_ppl", "trial_id"], descending=[True, False]).head(n))
-    recorded = "tensors" in ranked.columns  # tables written before provenance existed have none
-    described = [
-        "; ".join(describe(row, limit=2)) if recorded and row.get("tensors") is not None else "(not recorded)"
-        for row in ranked.select([c for c in ("changes", "tensors") if c in ranked.columns] or ["trial_id"]).to_dicts()
-    ]
     keep = ["trial_id", "target", *conditions(trials)]
-    return ranked.select(keep).with_columns(
-        pl.Series("changed", described, dtype=pl.String),
-        ranked["delta_ppl"], ranked["kl"], ranked["top1_agreement"],
-    )
+    out = ranked.select(keep)
+    if "changes" in ranked.columns and ranked["changes"].drop_nulls().len():
+        out = out.with_columns(_element_columns(ranked))
+    else:
+        recorded = "tensors" in ranked.columns  # tables written before provenance existed have none
+        described = ["; ".join(describe(row, limit=2)) if recorded and row.get("tensors") is not None
+                     else "(not recorded)" for row in ranked.select(
+                         [c for c in ("changes", "tensors") if c in ranked.columns] or ["trial_id"]).to_dicts()]
+        out = out.with_columns(pl.Series("changed", described, dtype=pl.String))
+    metrics = [c for c in ("ppl", "delta_ppl", "top1_agreement", "kl") if c in ranked.columns]
+    return out.with_columns(ranked.select(metrics))
+
+
+WORST_ORDER = "largest ppl / baseline first (non-finite first of all), ties by trial id"
+
+
+def _element_columns(ranked: pl.DataFrame) -> list[pl.Series]:
+    """tensor, element (coordinates), bit and `old -> new` of each trial's first changed element."""
+    from sensray.changes import value
+
+    first = [c[0] if c else None for c in ranked["changes"].to_list()]
+    counts = [len(c) if c else 0 for c in ranked["changes"].to_list()]
+    out = [pl.Series("tensor", [c and c["tensor"] for c in first], dtype=pl.String),
+           pl.Series("element", [c and str(c["coords"]) for c in first], dtype=pl.String),
+           pl.Series("bit", [c and c["bit"] for c in first], dtype=pl.Int64),
+           pl.Series("old -> new", [c and f"{value(c['old'])} -> {value(c['new'])}" for c in first], dtype=pl.String)]
+    if any(k > 1 for k in counts):
+        out.append(pl.Series("elements", counts, dtype=pl.Int64))
+    return out
+
+
+def achieved_sparsity(trials: pl.DataFrame) -> pl.Series | None:
+    """Per trial, the share of zeros over every weight tensor it overwrote (weighted by their sizes),
+    from the `tensors` provenance column; None when no trial recorded one (not a pruning run)."""
+    if "tensors" not in trials.columns:
+        return None
+    element = pl.element().struct
+    recorded = element.field("sparsity").is_not_null()
+    zeros = (element.field("sparsity") * element.field("numel")).filter(recorded).sum()
+    total = element.field("numel").filter(recorded).sum()
+    share = trials.select((pl.col("tensors").list.eval(zeros).list.first()
+                           / pl.col("tensors").list.eval(total).list.first()).alias("achieved"))["achieved"]
+    share = share.fill_nan(None)  # 0 / 0: no tensor of the trial records a sparsity
+    return None if share.drop_nulls().is_empty() else share
