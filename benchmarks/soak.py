@@ -1,6 +1,6 @@
 """A soak: 100,000 random trials on the shipped model; the weights stay exact, memory stays flat, every row lands once.
 
-    nice -n 19 python benchmarks/soak.py                          # 100,000 trials (the run in docs/BENCHMARKS.md)
+    nice -n 19 python benchmarks/soak.py                          # 100,000 trials (docs/BENCHMARKS.md: its results)
     python benchmarks/soak.py --trials 3000 --check-every 500     # a short one (tests/test_soak.py runs this)
     python benchmarks/soak.py --resume results/soak/<run id>      # finish a run that was stopped
 
