@@ -48,10 +48,13 @@ no download and no CPU copy; SDPA attention unless --attn says otherwise):
   7. peak GPU memory (torch.cuda.max_memory_allocated) over the whole shape and over the
      trials alone, next to the prefix cache (`cache.bytes`), the reference (logits, probs and
      log-sum-exps of the unperturbed model) and the weights;
-  8. the weights' checksum after all of it, against the one the replica took at load.
+  8. the weights' checksum after all of it, against the one the replica took at load;
+  9. what PyTorchFI's declare_weight_fi does per trial instead of 1-3: copy.deepcopy of the
+     whole model, timed, and the peak memory while the two copies exist.
 
-Time: each shape's rate pass stops after --max-trial-seconds (90) and its breakdown after half
-of that, so the run fits a 10-minute call whatever the per-trial time turns out to be.
+Time: each shape's rate pass stops after --max-trial-seconds (60) and its breakdown after half
+of that, and a shape is skipped when less of --budget (450 s) is left than the longest shape so far took
+(150 s at least), so the run ends inside 8 minutes whatever the per-trial time turns out to be.
 
 FLOPs of one eval forward (the PaLM paper's convention, multiply-add = 2 FLOPs):
 
@@ -69,6 +72,7 @@ are not counted.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import importlib.util
@@ -378,6 +382,7 @@ def run_shape(shape: str, device: torch.device, args, timer: Timer) -> dict:
     intact = replica.checksum() == replica.baseline.checksum_at_load
     checksum_s = time.perf_counter() - t0
     peak_total = torch.cuda.max_memory_allocated() / GIB if cuda else peak_rss_gib()
+    deepcopy_s, peak_copy = copy_cost(replica.model, timer)
     log(f"{shape}: breakdown over {len(steps['full']['eval'])} trials done; weights checksum {checksum_s:.1f} s, "
         f"{'unchanged' if intact else 'CHANGED'}")
     result = {
@@ -388,6 +393,7 @@ def run_shape(shape: str, device: torch.device, args, timer: Timer) -> dict:
         "cache_gib": cache.bytes / GIB, "cache_points": len(cache.starts), "blocks": len(cache.blocks),
         "reference_gib": reference_bytes / GIB, "peak_gib": peak_total, "peak_trials_gib": peak_trials,
         "checksum_s": checksum_s, "intact": intact, "resident_gib": resident,
+        "deepcopy_s": deepcopy_s, "peak_copy_gib": peak_copy,
     }
     gone = weakref.ref(model)
     replica.prefix = cache = None
@@ -398,6 +404,22 @@ def run_shape(shape: str, device: torch.device, args, timer: Timer) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def copy_cost(model, timer: Timer) -> tuple[float, float]:
+    """What PyTorchFI's declare_weight_fi does per trial: copy.deepcopy of the whole model. Seconds,
+    and the peak memory while both copies exist (GPU: allocated GiB; CPU: the process's peak RSS)."""
+    if timer.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = timer.now()
+    twin = copy.deepcopy(model)
+    seconds = timer.now() - t0
+    peak = torch.cuda.max_memory_allocated() / GIB if timer.cuda else peak_rss_gib()
+    del twin
+    gc.collect()
+    if timer.cuda:
+        torch.cuda.empty_cache()
+    return seconds, peak
 
 
 def cache_gib(shape: str, tokens: int, dtype_bytes: int = 2) -> float:
@@ -471,15 +493,17 @@ def report(results: list[dict], args, device: torch.device, matmul: float) -> st
     peak = "peak GPU GiB (whole run / trials)" if device.type == "cuda" else "peak RSS GiB (process, CPU)"
     lines += [
         "",
-        f"| model | weights GiB | reference GiB | prefix cache GiB (resume points) | {peak} | build s | replica setup s | checksum s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | weights GiB | reference GiB | prefix cache GiB (resume points) | {peak} | build s | replica setup s | "
+        "checksum s | deepcopy s (PyTorchFI's per-trial copy) | peak GiB with the copy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak_cell = (f"{g(r['peak_gib'])} / {g(r['peak_trials_gib'])}" if device.type == "cuda"
                      else g(r["peak_gib"]))
         lines.append(f"| {r['shape']} | {g(r['weight_gib'])} | {g(r['reference_gib'])} | "
                      f"{g(r['cache_gib'])} ({r['cache_points']}) | {peak_cell} | {r['build_s']:.1f} | "
-                     f"{r['setup_s']:.1f} | {r['checksum_s']:.1f}{'' if r['intact'] else ' CHANGED'} |")
+                     f"{r['setup_s']:.1f} | {r['checksum_s']:.1f}{'' if r['intact'] else ' CHANGED'} | "
+                     f"{r['deepcopy_s']:.3f} | {g(r['peak_copy_gib'])} |")
     if device.type == "cuda":
         lines += ["", "GPU memory still allocated as each shape began (left by the one before): "
                   + ", ".join(f"{r['shape']} {r['resident_gib']:.2f} GiB" for r in results)]
@@ -521,7 +545,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--matmul-n", type=int, help="size of the bf16 matmul that gives the ceiling (default 8192)")
     parser.add_argument("--forward-reps", type=int, help="timed repeats of the bare model forward (default 5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--max-trial-seconds", type=float, default=90,
+    parser.add_argument("--budget", type=float, default=450,
+                        help="seconds for the whole run: a shape is skipped when less is left than the longest shape so "
+                             "far took (150 s at least)")
+    parser.add_argument("--max-trial-seconds", type=float, default=60,
                         help="stop a shape's rate pass after this long, its breakdown after half of it "
                              "(keeps the run inside a 10-minute call)")
     args = parser.parse_args(argv)
@@ -549,9 +576,15 @@ def main(argv: list[str] | None = None) -> None:
     timer = Timer(device)
     matmul = matmul_rate(device, args.matmul_n)
     log(f"bf16 matmul {args.matmul_n}^3: {g(matmul)} TFLOP/s")
-    results = []
+    results, longest = [], 150.0  # a shape is assumed to take as long as the longest one so far, 150 s at least
     for shape in shapes:
+        left = args.budget - (time.perf_counter() - began)
+        if results and left < longest:
+            log(f"{shape}: skipped, {left:.0f} s of the --budget of {args.budget:.0f} s left, a shape took {longest:.0f} s")
+            continue
+        t0 = time.perf_counter()
         results.append(run_shape(shape, device, args, timer))
+        longest = max(longest, time.perf_counter() - t0)
     log(f"done in {time.perf_counter() - began:.0f} s")
     print(report(results, args, device, matmul), flush=True)
 
