@@ -20,13 +20,14 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 class Analysis:
     preset: str | None  # experiments/<preset>.yaml; None: sensray cannot run it yet
     summary: str
+    command: str = "sweep"  # the command that runs the preset: an experiment spec, or a study spec
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")
 
 
-def analysis(name: str, preset: str | None, summary: str = "not available yet") -> None:
-    ANALYSES.register(name)(Analysis(preset, summary))
+def analysis(name: str, preset: str | None, summary: str = "not available yet", command: str = "sweep") -> None:
+    ANALYSES.register(name)(Analysis(preset, summary, command))
 
 
 analysis("sensitivity", "ablation", "what each projection contributes: each zeroed, then mean-ablated, alone")
@@ -34,13 +35,20 @@ analysis("robustness", "noise", "relative gaussian noise per projection kind, ov
 analysis("bit-level", "bitflip", "one flipped bit per trial, per block and IEEE bit field")
 analysis("pruning", "prune", "magnitude and wanda pruning of every block, per matrix and per row, 0..90%")
 analysis("adversarial", None)
-analysis("integrated", None)
+analysis("integrated", "integrated", "sensitivity -> allocation -> pruned (allocated, uniform) -> healed (lora, "
+                                    "masked) -> evaluated -> report, as one study", command="study")
 analysis("evaluate", None)
-analysis("fine-tuning", None)
+analysis("fine-tuning", "fine-tuning", "wanda 50% pruning healed by LoRA and by masked fine-tuning, evaluated",
+         command="study")
 
 
 def available() -> list[str]:
     return [name for name, analysis in ANALYSES.items() if analysis.preset]
+
+
+def command_for(name: str) -> str:
+    """The sensray command that runs analysis `name`'s preset (sweep, or study)."""
+    return ANALYSES.get(name).command
 
 
 def preset_for(name: str) -> Path:

@@ -6,7 +6,8 @@
 
 Everything after the analysis name is a `sensray sweep` option (--model, --executor, --dry-run,
 --set, --output-dir, --address, ...), applied to the preset; `sensray run ANALYSIS --help` lists
-them. `sensray list analyses` shows each name and the preset it runs. An analysis sensray cannot
+them. The presets of integrated and fine-tuning are studies: their options are `sensray study`'s
+(--model, --dry-run, --set, --output-dir, --resume). `sensray list analyses` shows each name and the preset it runs. An analysis sensray cannot
 run yet exits with status 2.
 """
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     from sensray.cli import call
-    from sensray.presets import preset_for
+    from sensray.presets import command_for, preset_for
 
-    preset = preset_for(args.analysis)
-    return call("sweep", [str(preset), *args.sweep_options], prog=f"{prog} {args.analysis}")
+    preset = preset_for(args.analysis)  # an unknown analysis fails here, before command_for
+    return call(command_for(args.analysis), [str(preset), *args.sweep_options], prog=f"{prog} {args.analysis}")
