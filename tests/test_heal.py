@@ -85,6 +85,7 @@ def test_the_record_holds_recipe_steps_curve_and_the_ppl_it_measured(pruned, hea
         assert rec["format"] == "sensray-heal/1" and rec["steps"] == 3 and rec["plain_fine_tuning"] is False
         assert rec["recipe"]["method"] == method and rec["recipe"]["train"]["corpus"] == "bundled-train"
         assert rec["loss_curve"]["step"] == [1, 2, 3] and len(rec["loss_curve"]["loss"]) == 3
+        assert (rec["eval"]["ppl_merged_unmasked"] is None) == (method == "masked")  # LoRA: before the re-mask
         assert rec["source"]["pruning_record"].endswith(PRUNE_RECORD)
         assert rec["pruning"] == json.loads((pruned / PRUNE_RECORD).read_text())  # carried forward
         for key, path in (("ppl_before", pruned), ("ppl_after", directory)):  # the numbers are sensray's own ppl
@@ -242,3 +243,11 @@ def test_lora_targets_resolve_through_the_architecture_table():
                                                                                 "query_key_value")):
         modules = lora_modules(tiny_model(family), ["blocks.1.attn.q"])
         assert modules == [q]  # a fused view adapts its whole fused layer
+
+
+def test_heals_with_different_precisions_run_one_after_another_in_one_process(pruned, tmp_path, capsys):
+    """A study runs its heals in one process; accelerate's per-process state must not pin the first one's."""
+    assert heal(capsys, pruned, tmp_path / "bf16", "lora", 1, "--mixed-precision", "bf16")[0] == 0
+    code, _, err = heal(capsys, pruned, tmp_path / "fp32", "lora", 1, "--mixed-precision", "no")
+    assert code == 0, err
+    assert record(tmp_path / "bf16")["recipe"]["mixed_precision"] == "bf16"

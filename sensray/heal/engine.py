@@ -28,8 +28,12 @@ OPTIMIZER_FILE = "optimizer.pt"
 class AccelerateEngine:
     def __init__(self, recipe, model: nn.Module, trainable: list[nn.Parameter]):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
+        if not torch.distributed.is_initialized():
+            # accelerate keeps one state per process and refuses a second heal (a study's) with another precision
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=recipe.mixed_precision, cpu=cpu)
         optimizer = torch.optim.AdamW(trainable, lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

@@ -55,8 +55,11 @@ def finish(ctx, model: nn.Module, tokenizer, curve, batches: list[torch.Tensor])
     from sensray.prune import write_model_dir
 
     recipe, masks = ctx.recipe, ctx.masks
+    unmasked = None
     if recipe.method == "lora":
         model = merged(model)
+        if masks:  # what re-applying the mask costs: the merged model's ppl before it (PERP's MaskLoRA avoids it)
+            unmasked = perplexity(model, batches)["ppl"]
     model.eval()
     moved = reapply(model, masks)
     params = sorted(masks) if masks else [param for _, param in block_matrices(model)]
@@ -67,7 +70,8 @@ def finish(ctx, model: nn.Module, tokenizer, curve, batches: list[torch.Tensor])
         raise SensrayError(f"the healed model's eval perplexity is {after['ppl']} (training diverged after its last "
                            f"loss was measured): nothing exported; lower the learning rate ({recipe.peak_lr:g}), "
                            f"delete {ctx.work} and heal again")
-    record = heal_record(ctx, curve, sparsity, moved, after, weights_checksum(model))
+    record = heal_record(ctx, curve, sparsity, moved, after | {"ppl_merged_unmasked": unmasked},
+                         weights_checksum(model))
     note = f"eval ppl {ctx.before['ppl']:.4g} -> {after['ppl']:.4g} ({recipe.eval.corpus})"
     figure = loss_curves({recipe.method: curve}, f"healing {recipe.model.name} ({recipe.method})", note)
     out = Path(recipe.output_dir)
@@ -105,6 +109,7 @@ def heal_record(ctx, curve, sparsity: dict, moved: int, after: dict, checksum: s
         "loss_curve": curve.as_dict(),
         "eval": {"corpus": recipe.eval.corpus, "seq_len": recipe.eval.seq_len, "tokens": after["tokens"],
                  "ppl_before": ctx.before["ppl"], "ppl_after": after["ppl"],
+                 "ppl_merged_unmasked": after["ppl_merged_unmasked"],
                  "nll_before": ctx.before["nll"], "nll_after": after["nll"]},
         "mask": {"source": _mask_source(recipe.mask, pruning, held), "tensors": len(sparsity["tensors"]),
                  "held_at_zero": held, "moved_then_rezeroed": moved},

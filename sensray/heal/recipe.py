@@ -10,13 +10,14 @@ every check that needs a file or the model's config but no weights: `--dry-run` 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from sensray.errors import SpecError
+from sensray.errors import SensrayError, SpecError
 from sensray.spec import DataSpec, Frozen, ModelSpec, describe, key_path
 
 # Wanda's and LLM-Pruner's LoRA learning rate (docs/heal.md); full fine-tuning moves every weight, so less.
@@ -126,9 +127,7 @@ def check_recipe(recipe: HealRecipe, key: str = "") -> None:
     where = f"{key}." if key else ""
     try:
         model = meta_model(recipe.model)
-    except SpecError:
-        raise
-    except Exception as err:  # SensrayError or transformers' own: the model cannot be read
+    except (SensrayError, ValueError, KeyError) as err:  # no config, or one transformers cannot build
         raise SpecError(f"{where}model", str(err).removeprefix("model.name: ")) from None
     for data, name in ((recipe.train, "train"), (recipe.eval, "eval")):
         probe = ExperimentSpec(name="heal", model=recipe.model, data=data, perturbation="zero", space={})
@@ -139,6 +138,9 @@ def check_recipe(recipe: HealRecipe, key: str = "") -> None:
     check_not_eval(recipe.train, recipe.eval, key=where)
     if recipe.method == "lora":
         lora_modules(model, recipe.lora.targets, key=f"{where}lora.targets")
+    if recipe.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise SpecError(f"{where}deepspeed", "DeepSpeed is not installed: pip install 'sensray[distributed]' (or leave "
+                                             "deepspeed out: plain DDP)")
     if recipe.mixed_precision == "fp16" and recipe.model.device == "cpu":
         raise SpecError(f"{where}mixed_precision", "fp16 autocast needs a GPU; on a CPU use bf16 or no")
     check_creatable(Path(recipe.output_dir), f"{where}output_dir")
