@@ -259,3 +259,20 @@ def test_with_the_ray_executor_prune_and_evaluate_run_as_ray_tasks(local_ray, tm
     root = next((tmp_path / "results" / "small-study").iterdir())
     rows = pl.read_parquet(root / "evaluation" / "trials.parquet")
     assert rows["target"].to_list() == ["dense", "pruned"] and rows["sparsity"][1] == 0.5
+
+
+def test_a_study_spec_given_to_sweep_says_to_run_it_with_study(capsys):
+    from test_cluster_yaml import REPO
+
+    from sensray.sweep import main as sweep
+
+    assert sweep([str(REPO / "experiments" / "integrated.yaml"), "--dry-run"]) == 2
+    assert "this is a study spec (a list of stages), not an experiment: run it with sensray study" in \
+        capsys.readouterr().err
+
+
+def test_tasks_are_refused_not_ignored_until_the_stage_runs_them(tmp_path, capsys):
+    spec = write(tmp_path / "tasks.yaml", STUDY.replace("models: [dense, pruned-allocated, pruned-uniform, healed]",
+                                                        "models: [dense, healed], tasks: [hellaswag]"))
+    code, _, err = study(capsys, spec, "--dry-run")
+    assert code == 2 and "stages[5].tasks: lm-eval tasks in a study need `sensray evaluate`" in err

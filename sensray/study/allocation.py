@@ -54,6 +54,6 @@ def allocation_figure(table: dict[str, Any], title: str) -> Figure:
     plain_log_ticks(sens.yaxis)
     ax.set_xticks(x, [n.removesuffix(".weight") for n in names], rotation=90, fontsize=6)
     handles = ax.get_legend_handles_labels()[0] + sens.get_legend_handles_labels()[0]
-    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="outside upper right", ncols=3)
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="outside right upper")
     fig.suptitle(title, fontsize=11)
     return fig

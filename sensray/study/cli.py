@@ -10,7 +10,7 @@
 Each stage writes its own directory inside the study directory and a journal line with the hash
 of its inputs. --resume skips every stage whose inputs are unchanged, continues one that was
 interrupted, and runs again whatever an edit changed, with everything after it. --stage NAME
-runs one stage alone (the stages it reads must be done). The last line printed is the study
+runs one stage alone, again if it was done (the stages it reads must be done). The last line printed is the study
 directory; its report stage writes report.md and report.html. Invalid specs exit with status 2
 and one message naming the file and key; nothing is written. docs/study.md describes the kinds.
 """
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
 from sensray.errors import SpecError, run_cli
+from sensray.sweep import _SetKey  # --model and --output-dir: a --set of one key, as in sensray sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,25 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="STUDY_DIR", help="continue a study directory: skip what is done")
     parser.add_argument("--dry-run", action="store_true", help="check every stage and say what would run")
     parser.add_argument("--stage", metavar="NAME", help="run only this stage (with --resume; its inputs done)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key (repeatable); STAGE.KEY=VALUE sets a key of the stage named STAGE")
     parser.add_argument("--output-dir", dest="overrides", action=_SetKey, key="output_dir", metavar="DIR",
                         help="write the study to DIR/<name>/<study id> (--set output_dir=DIR)")
     parser.add_argument("--model", dest="overrides", action=_SetKey, key="model.name", metavar="NAME",
                         help="the study's model (--set model.name=NAME)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key (repeatable); STAGE.KEY=VALUE sets a key of the stage named STAGE")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model.trust_remote_code: true")
     return parser
-
-
-class _SetKey(argparse.Action):
-    """An option that is a --set of one key, JSON-quoted so that a value like `2024` stays a string."""
-
-    def __init__(self, *args, key: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{self.key}={json.dumps(value)}"])
 
 
 class Interrupted:
@@ -128,13 +117,13 @@ def _study(args: argparse.Namespace):
     from sensray.study.spec import load_study
 
     if args.spec:
-        return load_study(args.spec, args.overrides or [])
+        return load_study(args.spec, args.overrides)
     if not args.resume:
         raise SpecError("", "give a study spec (e.g. experiments/integrated.yaml) or --resume STUDY_DIR")
     saved = Path(args.resume) / "study.yaml"
     if not saved.is_file():
         raise SpecError("--resume", f"{args.resume} is not a study directory (no study.yaml)")
-    return load_study(saved, args.overrides or [])
+    return load_study(saved, args.overrides)
 
 
 def _create(root: Path) -> Path:

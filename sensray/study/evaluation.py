@@ -42,11 +42,10 @@ class Evaluate(Stage):
     uses_eval = True
 
     def check(self, ctx: StageContext) -> None:
-        import importlib.util
-
-        if self.params.tasks and importlib.util.find_spec("sensray.evaluate") is None:
-            raise SpecError(f"{self.key}.tasks", "lm-eval tasks need `sensray evaluate`, which this checkout does not "
-                                                 "have; leave tasks out (perplexity, KL and top-1 are measured anyway)")
+        if self.params.tasks:  # refused, never ignored: a study must not silently skip what it was asked to score
+            raise SpecError(f"{self.key}.tasks", "lm-eval tasks in a study need `sensray evaluate` (issue 14), which "
+                                                 "this stage does not run yet; leave tasks out (perplexity, KL and "
+                                                 "top-1 are measured either way)")
         names = self.params.models
         if len(set(names)) != len(names):
             raise SpecError(f"{self.key}.models", f"lists a model twice: {names}")

@@ -86,7 +86,7 @@ def heal_table(ctx: StageContext, rows: list[dict], dense_ppl: float) -> list[di
         out.append({"stage": stage.name, "model": stage.params.model, "method": stage.params.method,
                     "steps": record["steps"], "lr": record["recipe"]["lr"],
                     "trainable": record["trainable"]["parameters"], "share": record["trainable"]["share_of_model"],
-                    "ppl_before": before, "ppl_after": after,
+                    "ppl_before": before, "ppl_after": after, "ppl_unmasked": record["eval"].get("ppl_merged_unmasked"),
                     "recovered": (before - after) / damage if damage > 0 else None,
                     "sparsity": record["achieved"]["overall"], "curve": record["loss_curve"]})
     return out
@@ -99,8 +99,6 @@ def stage_times(ctx: StageContext) -> list[dict[str, Any]]:
 
 def write_figures(ctx: StageContext, rows: list[dict], baseline: dict) -> dict[str, str]:
     """stem -> caption of each figure written into the stage directory."""
-    from sensray.heal.figure import loss_curves
-
     made = {}
     ppl_by_stage(rows, baseline["ppl"], ctx.spec.name).savefig(ctx.dir / "ppl-by-stage.png", dpi=130,
                                                                facecolor="white")
@@ -108,15 +106,32 @@ def write_figures(ctx: StageContext, rows: list[dict], baseline: dict) -> dict[s
                             "descends from, hatched by the healing applied")
     heals = heal_table(ctx, rows, baseline["ppl"])
     if heals:
-        note = "; ".join(f"{h['stage']}: {h['ppl_before']:.4g} -> {h['ppl_after']:.4g}" for h in heals)
-        loss_curves({h["stage"]: h["curve"] for h in heals}, "healing: training loss per step", note).savefig(
-            ctx.dir / "healing.png", dpi=130, facecolor="white")
-        made["healing"] = "Training loss of each heal (faint: per step; solid: moving average); eval ppl in the title"
+        healing_figure(heals, baseline["ppl"], ctx.spec.name).savefig(ctx.dir / "healing.png", dpi=130,
+                                                                      facecolor="white")
+        made["healing"] = ("Each heal: eval perplexity before and after (left, the dense model as a line), and its "
+                           "training loss per step (right)")
     allocations = [s for s in ctx.study.stages[: ctx.stage.index] if s.kind == "allocate" and s.name in ctx.records]
     for stage in allocations[:1]:
         shutil.copyfile(ctx.output_of(stage.name) / "allocation.png", ctx.dir / "allocation.png")
         made["allocation"] = f"Sparsity allotted per tensor by {stage.name}, with each tensor's sensitivity"
     return made
+
+
+def healing_figure(heals: list[dict], dense_ppl: float, study: str) -> Figure:
+    """Left: each heal's eval ppl before -> after (a slope per heal); right: the training loss curves."""
+    from sensray.heal.figure import draw_loss_curves
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    slopes, curves = fig.subplots(1, 2, width_ratios=(1, 2))
+    for heal, colour in zip(heals, palette(max(2, len(heals)))):
+        slopes.plot([0, 1], [heal["ppl_before"], heal["ppl_after"]], "o-", color=colour, label=heal["stage"])
+    slopes.axhline(dense_ppl, **BASELINE_STYLE, label=f"dense ({dense_ppl:.4g})")
+    slopes.set(xticks=[0, 1], xticklabels=["before (pruned)", "after (healed)"], xlim=(-0.3, 1.3),
+               ylabel="perplexity (eval text)")
+    slopes.legend(fontsize=8)
+    draw_loss_curves(curves, {h["stage"]: h["curve"] for h in heals})
+    fig.suptitle(f"{study}: healing, before and after, and the training loss", fontsize=11)
+    return fig
 
 
 def ppl_by_stage(rows: list[dict], dense_ppl: float, study: str) -> Figure:
@@ -163,11 +178,13 @@ def build(doc: Document, ctx: StageContext, rows: list[dict], baseline: dict, fi
     if heals:
         doc.add(Heading("Healing"), Table(
             ["heal", "of", "method", "steps", "lr", "trainable", "ppl before", "ppl after", "damage recovered",
-             "sparsity after"],
+             "sparsity after", "ppl merged, unmasked"],
             [[h["stage"], h["model"], h["method"], str(h["steps"]), f"{h['lr']:g}",
               f"{h['trainable']:,} ({percent(h['share'])})", _num(h["ppl_before"]), _num(h["ppl_after"]),
-              percent(h["recovered"]), _pct(h["sparsity"])] for h in heals],
-            [False, False, False, True, True, True, True, True, True, True]))
+              percent(h["recovered"]), _pct(h["sparsity"]), _num(h["ppl_unmasked"])] for h in heals],
+            [False, False, False, True, True, True, True, True, True, True, True]),
+            Para("A LoRA merge makes every pruned weight of an adapted matrix nonzero; the last column is the merged "
+                 "model's perplexity before the mask was put back, i.e. what keeping the sparsity costs."))
     doc.add(Heading("Figures"), *[FigureBlock(ctx.dir / f"{stem}.png", caption) for stem, caption in figures.items()])
     times = stage_times(ctx)
     doc.add(Heading("Stages"), Table(["stage", "kind", "seconds"],

@@ -65,10 +65,13 @@ def run(study, root: Path, only: str | None = None) -> list[Step]:
     records = journal.records(root)
     for number, step in enumerate(steps, 1):
         name = step.stage.name
-        if (only is not None and name != only) or step.status == STATUS_DONE:
-            if only is None:
-                log(f"[{number}/{len(steps)}] {name} ({step.stage.kind}): done, inputs unchanged: skipped")
+        if only is not None and name != only:
             continue
+        if step.status == STATUS_DONE and only is None:
+            log(f"[{number}/{len(steps)}] {name} ({step.stage.kind}): done, inputs unchanged: skipped")
+            continue
+        if step.status == STATUS_DONE:  # --stage NAME asks for it explicitly: run it again from scratch
+            step = Step(step.stage, step.input_hash, STATUS_CHANGED)
         log(f"[{number}/{len(steps)}] {name} ({step.stage.kind}): {_verb(step.status)}")
         records[name] = run_stage(study, root, step, records)
         log(f"[{number}/{len(steps)}] {name}: finished in {records[name].seconds:.1f} s -> {records[name].output}")

@@ -160,9 +160,9 @@ class Allocate(Stage):
             raise SpecError(f"{self.key}.sweep", f"stage {self.params.sweep!r} measures sensitivity on the eval text "
                                                  f"({sweep.data.corpus}); an allocation chosen by the text that then "
                                                  "judges it flatters it: sweep on training text (bundled-train)")
+        model = meta_model(ctx.spec.model)
         try:
-            matrices(meta_model(ctx.spec.model), select(meta_model(ctx.spec.model), self.params.target).tensors,
-                     self.params.target)
+            matrices(model, select(model, self.params.target).tensors, self.params.target)
         except (TargetError, ValueError) as err:
             raise SpecError(f"{self.key}.target", str(err)) from None
 
