@@ -251,3 +251,17 @@ def test_heals_with_different_precisions_run_one_after_another_in_one_process(pr
     code, _, err = heal(capsys, pruned, tmp_path / "fp32", "lora", 1, "--mixed-precision", "no")
     assert code == 0, err
     assert record(tmp_path / "bf16")["recipe"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("package, args, words", [
+    ("peft", [], "error: --method: lora needs peft, which is not installed: pip install 'sensray[heal]'"),
+    ("deepspeed", ["--deepspeed", "2"], "error: --deepspeed: DeepSpeed is not installed"),
+])
+def test_a_missing_optional_package_is_named_with_the_extra_that_installs_it(pruned, tmp_path, capsys, monkeypatch,
+                                                                           package, args, words):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    code, _, err = heal(capsys, pruned, tmp_path / "x", "lora", 2, "--dry-run", *args)
+    assert code == 2 and words in err and list(tmp_path.iterdir()) == []

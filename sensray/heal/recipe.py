@@ -137,6 +137,9 @@ def check_recipe(recipe: HealRecipe, key: str = "") -> None:
             raise SpecError(f"{where}{name}.seq_len", err.message) from None
     check_not_eval(recipe.train, recipe.eval, key=where)
     if recipe.method == "lora":
+        if importlib.util.find_spec("peft") is None:
+            raise SpecError(f"{where}method", "lora needs peft, which is not installed: pip install 'sensray[heal]' "
+                                              "(or use method masked: no adapters)")
         lora_modules(model, recipe.lora.targets, key=f"{where}lora.targets")
     if recipe.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise SpecError(f"{where}deepspeed", "DeepSpeed is not installed: pip install 'sensray[distributed]' (or leave "
