@@ -276,3 +276,16 @@ def test_tasks_are_refused_not_ignored_until_the_stage_runs_them(tmp_path, capsy
                                                         "models: [dense, healed], tasks: [hellaswag]"))
     code, _, err = study(capsys, spec, "--dry-run")
     assert code == 2 and "stages[5].tasks: lm-eval tasks in a study need `sensray evaluate`" in err
+
+
+def test_the_closing_note_gives_each_models_ppl_and_sparsity_and_each_stage_time(finished, tmp_path, capsys):
+    spec, root = copy_of(finished, tmp_path)
+    code, _, err = study(capsys, spec, "--resume", root)
+    models = json.loads((root / "report" / "summary.json").read_text())["models"]
+    assert code == 0
+    lines = {line.split()[0]: line for line in err.splitlines() if line.startswith("  ") and "  ppl " in line}
+    assert list(lines) == list(models)
+    for name, model in models.items():
+        assert f"ppl {model['ppl']:8.4f}  sparsity {model['sparsity']:7.2%}" in lines[name]
+    assert "(lora heal of pruned-uniform)" in lines["healed"] and "heal of" not in lines["dense"]
+    assert all(f"{stage} " in err.split("stage times: ")[1].splitlines()[0] for stage in STAGES)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -159,14 +160,25 @@ def describe(study, steps) -> str:
 
 
 def closing(study) -> str:
-    """Where the results are, and each stage's time."""
+    """Each stage's time, each evaluated model's ppl and achieved sparsity (from the last report), where it all is."""
     from sensray.study import journal
 
     records = journal.records(study.root)
     times = ", ".join(f"{name} {r.seconds:.0f} s" for name, r in records.items())
-    reports = [study.root / r.output / "report.md" for r in records.values() if r.kind == "report"]
-    said = f"study {study.spec.name} finished; stage times: {times}"
-    return said + (f"\nreport: {reports[-1]}" if reports else "")
+    reports = [study.root / r.output for r in records.values() if r.kind == "report"]
+    lines = [f"study {study.spec.name} finished; stage times: {times}"]
+    if reports:
+        lines += model_lines(json.loads((reports[-1] / "summary.json").read_text())["models"])
+        lines.append(f"report: {reports[-1] / 'report.md'}")
+    return "\n".join(lines)
+
+
+def model_lines(models: dict) -> list[str]:
+    """`name: ppl P, sparsity S` per model, and what it descends from: the numbers a reader checks first."""
+    width = max(map(len, models))
+    return [f"  {name:<{width}}  ppl {m['ppl']:8.4f}  sparsity {m['sparsity']:7.2%}"
+            + (f"  ({m['healing']} heal of {m['arm']})" if m["healing"] != "none" else "")
+            for name, m in models.items()]
 
 
 if __name__ == "__main__":
