@@ -99,7 +99,7 @@ def test_bad_resources_name_the_key(resources, path, words):
     assert err.path == path and words in err.message
 
 
-# Study specs (a list of stages) are checked in test_study_specs.py.
+# Study specs (a list of stages) are checked in test_study.py (dry runs of the shipped studies).
 EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if "\nstages:" not in p.read_text())
 # Every experiment on the shipped model, and its trial count when planned against the model's structure.
 # The 7B ones are planned in test_cluster_yaml.py and test_superweights.py (their configs are on the Hub).
