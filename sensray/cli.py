@@ -46,6 +46,8 @@ command("analyze", "sensray.analyze.__main__", "tables, figures and a report fro
 command("generate", "sensray.generate", "text from a model, as it is and perturbed")
 command("prune", "sensray.prune", "prune a model, save it as a Hugging Face directory")
 command("superweights", "sensray.superweights.cli", "find a model's super weights and verify them")
+command("heal", "sensray.heal.cli", "fine-tune a pruned model back to health (LoRA or masked), keeping its zeros")
+command("study", "sensray.study.cli", "stages in one resumable directory: sweep, allocate, prune, heal, evaluate, report")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 command("adversarial", "sensray.adversarial.cli", "input edits that mislead a model (GCG, HotFlip), on damaged weights too")
 

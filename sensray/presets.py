@@ -20,7 +20,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 class Analysis:
     preset: str | None  # experiments/<preset>.yaml; None: sensray cannot run it yet
     summary: str
-    command: str = "sweep"  # the sensray command that runs the preset
+    command: str = "sweep"  # the command that runs the preset: sweep, study (a study spec) or adversarial
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")
@@ -36,13 +36,20 @@ analysis("bit-level", "bitflip", "one flipped bit per trial, per block and IEEE 
 analysis("pruning", "prune", "magnitude and wanda pruning of every block, per matrix and per row, 0..90%")
 analysis("adversarial", "adversarial", "GCG token suffixes that raise the true continuation's NLL, budgets 1..20",
          command="adversarial")
-analysis("integrated", None)
+analysis("integrated", "integrated", "sensitivity -> allocation -> pruned (allocated, uniform) -> healed (lora, "
+                                    "masked) -> evaluated -> report, as one study", command="study")
 analysis("evaluate", None)
-analysis("fine-tuning", None)
+analysis("fine-tuning", "fine-tuning", "wanda 50% pruning healed by LoRA and by masked fine-tuning, evaluated",
+         command="study")
 
 
 def available() -> list[str]:
     return [name for name, analysis in ANALYSES.items() if analysis.preset]
+
+
+def command_for(name: str) -> str:
+    """The sensray command that runs analysis `name`'s preset (sweep, or study)."""
+    return ANALYSES.get(name).command
 
 
 def preset_for(name: str) -> Path:

@@ -99,7 +99,7 @@ def export(args: argparse.Namespace) -> Path:
     before = weights_checksum(model)
     kind.apply(model, params)  # never restored: this process exists to write the pruned model
     meta = metadata(args, model, params, before, weights_checksum(model))
-    _write_atomically(out, model, tokenizer, meta)
+    write_model_dir(out, model, tokenizer, {METADATA: json.dumps(meta, indent=2) + "\n"})
     return out
 
 
@@ -166,8 +166,9 @@ def metadata(args: argparse.Namespace, model, params, before: str, after: str) -
     }
 
 
-def _write_atomically(out: Path, model, tokenizer, meta: dict[str, Any]) -> None:
-    """Write everything into a temporary sibling of `out`, then rename it into place."""
+def write_model_dir(out: Path, model, tokenizer, files: dict[str, str | bytes]) -> None:
+    """Write the model, its tokenizer and `files` (name -> text or bytes: metadata, figures) into a
+    temporary sibling of `out`, then rename it into place (sensray heal writes its exports here too)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -179,7 +180,11 @@ def _write_atomically(out: Path, model, tokenizer, meta: dict[str, Any]) -> None
         pickles = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickles or not any(tmp.glob("*.safetensors")):
             raise SensrayError(f"--output-dir: expected safetensors weights only, the save wrote {pickles or 'none'}")
-        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
         os.rename(tmp, out)  # fails rather than merge if the directory appeared meanwhile
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -219,6 +219,8 @@ def parse_spec(text: str, overrides: list[str] = (), model: type[Frozen] | None 
     raw = safe_yaml.load(text)
     if not isinstance(raw, dict):
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
+    if "stages" in raw and "perturbation" not in raw:
+        raise SpecError("stages", "this is a study spec (a list of stages), not an experiment: run it with sensray study")
     for override in overrides:
         apply_override(raw, override)
     return validate(raw, model)

@@ -6,7 +6,9 @@
 
 Everything after the analysis name is a `sensray sweep` option (--model, --executor, --dry-run,
 --set, --output-dir, --address, ...), applied to the preset; `sensray run ANALYSIS --help` lists
-them. `adversarial` runs its preset with `sensray adversarial`, which takes the same options. `sensray list analyses` shows each name and the preset it runs. An analysis sensray cannot
+them. `adversarial` runs its preset with `sensray adversarial`, which takes the same options. The presets of
+integrated and fine-tuning are studies: their options are `sensray study`'s
+(--model, --dry-run, --set, --output-dir, --resume). `sensray list analyses` shows each name and the preset it runs. An analysis sensray cannot
 run yet exits with status 2.
 """
 
@@ -42,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     from sensray.cli import call
-    from sensray.presets import ANALYSES, preset_for
+    from sensray.presets import command_for, preset_for
 
-    preset = preset_for(args.analysis)
-    command = ANALYSES.get(args.analysis).command  # a sweep, or its own command (adversarial)
-    return call(command, [str(preset), *args.sweep_options], prog=f"{prog} {args.analysis}")
+    preset = preset_for(args.analysis)  # an unknown analysis fails here, before command_for
+    return call(command_for(args.analysis), [str(preset), *args.sweep_options], prog=f"{prog} {args.analysis}")

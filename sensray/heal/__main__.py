@@ -1,0 +1,7 @@
+"""`python -m sensray.heal ...` is `sensray heal ...` (sensray/heal/cli.py)."""
+
+import sys
+
+from sensray.heal.cli import main
+
+sys.exit(main())
