@@ -46,6 +46,8 @@ command("analyze", "sensray.analyze.__main__", "tables, figures and a report fro
 command("generate", "sensray.generate", "text from a model, as it is and perturbed")
 command("prune", "sensray.prune", "prune a model, save it as a Hugging Face directory")
 command("superweights", "sensray.superweights.cli", "find a model's super weights and verify them")
+command("saliency", "sensray.saliency.cli", "a whole-model sensitivity map from gradients; --check a sweep against it")
+command("attack", "sensray.attack.cli", "the fewest bit flips that break a model: gradient-guided, on the replica pool")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 
 

@@ -218,6 +218,8 @@ def parse_spec(text: str, overrides: list[str] = ()) -> ExperimentSpec:
     raw = safe_yaml.load(text)
     if not isinstance(raw, dict):
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
+    if "attack" in raw and "perturbation" not in raw:
+        raise SpecError("attack", "this is an attack spec: run it with `sensray attack`")
     for override in overrides:
         apply_override(raw, override)
     return validate(raw)

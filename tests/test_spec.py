@@ -99,7 +99,8 @@ def test_bad_resources_name_the_key(resources, path, words):
     assert err.path == path and words in err.message
 
 
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+# Attack specs (experiments/attack-*.yaml) are AttackSpecs, tested in tests/test_attack_spec.py.
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if not p.name.startswith("attack-"))
 # Every experiment on the shipped model, and its trial count when planned against the model's structure.
 # The 7B ones are planned in test_cluster_yaml.py and test_superweights.py (their configs are on the Hub).
 TINY_TRIALS = {"ablation-blocks.yaml": 8, "ablation.yaml": 8 * 7 * 2, "bitflip-random.yaml": 40,
