@@ -96,6 +96,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _attacked(args: argparse.Namespace) -> int:
     """Clean text beside the text of the model with an attack's committed flips (reverted and verified after)."""
+    from pathlib import Path
+
     from sensray.attack.state import committed_changes, read_flips
     from sensray.committed import committed
     from sensray.models import load_model, load_tokenizer, pick_device
@@ -104,6 +106,8 @@ def _attacked(args: argparse.Namespace) -> int:
     if args.run or args.perturb or args.param or args.model or args.dtype:
         raise SpecError("--attack", "the model and its flips come from the attack's directory; drop "
                                     "--run/--trial/--perturb/--param/--model/--dtype")
+    if not (Path(args.attack) / "spec.yaml").is_file():
+        raise SpecError("--attack", f"{args.attack} is not an attack's directory (no spec.yaml)")
     spec, flips = read_flips(args.attack)
     check_remote_code(spec.model, args.trust_remote_code)
     model_spec = spec.model.model_copy(update={"device": args.device} if args.device else {})
@@ -111,7 +115,8 @@ def _attacked(args: argparse.Namespace) -> int:
     clean = greedy(model, tokenizer, args.prompt, args.max_new_tokens, args.ignore_eos)
     with committed(model, committed_changes(flips)):
         attacked = greedy(model, tokenizer, args.prompt, args.max_new_tokens, args.ignore_eos)
-    said = "\n".join(f"  {element(f)}" for f in flips[:8]) + (f"\n  ... {len(flips) - 8} more" if len(flips) > 8 else "")
+    more = f"\n  ... {len(flips) - 8} more" if len(flips) > 8 else ""
+    said = "\n".join(f"  {element(f)}" for f in flips[:8]) + more
     print(f"prompt: {args.prompt!r}\nattack: {args.attack}, {len(flips)} committed flips:\n{said}\n")
     print(compare_texts("clean", clean, f"after {len(flips)} flips", attacked, _width()))
     print("\nflips reverted; weights verified bit-exact against the checksum taken before")

@@ -213,3 +213,4 @@ def test_generate_applies_the_committed_flips_and_reverts_them(tiny, tmp_path, c
     said = capsys.readouterr().out
     assert "2 committed flips" in said and "final_norm.weight" in said and "verified bit-exact" in said
     assert generate(["--attack", out, "--model", "x"]) == 2
+    assert generate(["--attack", str(tmp_path)]) == 2 and "not an attack's directory" in capsys.readouterr().err

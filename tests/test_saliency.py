@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sensray.perturbations import PERTURBATIONS
-from sensray.saliency.flips import best_flips, bits_of, flipped, predicted
+from sensray.saliency.flips import Chunk, best_flips, bits_of, flipped, predicted
 from sensray.saliency.gradients import backward_pass, naive_gradients, parameters, token_loss
 from sensray.saliency.measure import measure, windows_of
 from sensray.saliency.probes import Probes
@@ -131,10 +131,10 @@ def test_a_flipped_value_is_exactly_what_the_bitflip_kind_writes(dtype):
 def test_predicted_flip_damage_is_g_times_the_step_and_inf_when_the_weight_breaks():
     w = torch.tensor([1.5, -0.25, 0.0], dtype=torch.float32)
     g = torch.tensor([2.0, 0.5, 1.0])
-    change, new = predicted(w, g, 30)  # exponent MSB: 1.5 -> inf-or-NaN, -0.25 -> -0.25 * 2^128
+    change, new = predicted(Chunk.of(w, g), 30)  # exponent MSB: 1.5 -> inf-or-NaN, -0.25 -> -0.25 * 2^128
     assert math.isinf(change[0]) and change[0] > 0
     assert change[1].item() == pytest.approx(0.5 * (-0.25 * 2.0**128 + 0.25), rel=1e-12)
-    change, _ = predicted(w, g, 30, finite_only=True)
+    change, _ = predicted(Chunk.of(w, g), 30, finite_only=True)
     assert change[0] == -math.inf  # never chosen
     # Mantissa MSB: 1.5 -> 1.0 and -0.25 -> -0.375 move against their gradient's sign (they would lower the
     # loss): not offered. Only 0.0 -> 5.9e-39 raises it.

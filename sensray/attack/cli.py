@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sensray import sweep
 from sensray.errors import SpecError, run_cli
 from sensray.executors import EXECUTORS
 
@@ -42,15 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", action=_SetKey, key="output_dir", dest="overrides", metavar="DIR",
                    help="write to DIR/<name>/<run id> (--set output_dir=DIR)")
     p.add_argument("--dry-run", action="store_true", help="validate against the model's structure; load nothing")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted attack (--set may change only resources.*)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted attack (--set may change only resources.*)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model.trust_remote_code: true")
     return p
 
 
-class Interrupted:
-    def __init__(self) -> None:
-        self.run: Path | None = None
-
+class Interrupted(sweep.Interrupted):
     def __call__(self) -> str:
         if self.run is None:
             return "nothing was written (the attack stopped before its directory existed)"
@@ -58,13 +57,11 @@ class Interrupted:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sensray.sweep import _terminate_as_interrupt
-
     args = build_parser().parse_args(argv)
     interrupted = Interrupted()
 
     def command() -> int:
-        with _terminate_as_interrupt():
+        with sweep._terminate_as_interrupt():
             return _dispatch(args, interrupted)
 
     return run_cli(command, interrupted=interrupted)

@@ -33,7 +33,8 @@ def run_attack(spec: AttackSpec, run: AttackRun | None, executor_name: str, opti
     """Start (or resume) the attack; return its run directory and summary (attack.json)."""
     from sensray.executors import executor_for
 
-    factory = AttackFactory(gradient=_mapping(spec.attack.gradient_data), utility=_mapping(spec.utility and spec.utility.data))
+    utility_text = spec.utility.data if spec.utility is not None else None
+    factory = AttackFactory(gradient=_mapping(spec.attack.gradient_data), utility=_mapping(utility_text))
     executor = executor_for(executor_name, spec.trials(), replica_factory=factory, **options)
     started = time.perf_counter()
     try:
@@ -54,7 +55,8 @@ def run_attack(spec: AttackSpec, run: AttackRun | None, executor_name: str, opti
         checksums = executor.checksums()
     finally:
         executor.close()
-    replicas = len({row["replica"] for row in run.rows("candidates") + run.rows("random")})  # that ran trials
+    ran = run.journal_rows("candidates") + run.journal_rows("random")
+    replicas = len({row["replica"] for row in ran})  # the replicas that ran trials
     summary = _summary(spec, run, baseline, reason, checksums, search, searched, time.perf_counter() - started,
                        replicas)
     return run, summary
@@ -68,7 +70,7 @@ def _random_baseline(spec: AttackSpec, run: AttackRun, executor, log: Log, clean
     """k random flips of the allowed bits in the allowed tensors, `seeds` draws per k, on the clean model."""
     trials = [_trial({"target": spec.attack.target, **spec.attack.restriction, "count": k, "seed": spec.seed + s},
                      sample=s) for k in spec.random_counts() for s in range(spec.random.seeds)]
-    done = {row["trial_id"] for row in run.rows("random")}
+    done = {row["trial_id"] for row in run.journal_rows("random")}
     todo = [t for t in trials if t.trial_id not in done]
     if not todo:
         return
@@ -76,7 +78,7 @@ def _random_baseline(spec: AttackSpec, run: AttackRun, executor, log: Log, clean
         log(f"note: {len(todo)} random-baseline trials are missing and flips are committed; they are left out")
         return
     log(f"random baseline: {len(todo)} trials ({len(spec.random_counts())} flip counts x {spec.random.seeds} seeds)")
-    with Journal(run.journal("random")) as journal:
+    with Journal(run.journal_of("random")) as journal:
         executor.run(todo, journal.append)
 
 
@@ -99,7 +101,8 @@ class _Search:
         stop = self.spec.stop
         if flips and reached(stop, flips[-1]):
             return reached(stop, flips[-1])
-        with Journal(self.run.journal("flips")) as flip_journal, Journal(self.run.journal("candidates")) as journal:
+        flips_file, candidates_file = self.run.journal_of("flips"), self.run.journal_of("candidates")
+        with Journal(flips_file) as flip_journal, Journal(candidates_file) as journal:
             for step in range(len(flips), stop.max_flips):
                 flip = self._step(step, flips, journal)
                 if isinstance(flip, str):
@@ -121,7 +124,7 @@ class _Search:
         trials = [_trial({"target": c["tensor"], "bit": c["bit"], "coords": [c["coords"]]}, sample=step)
                   for c in candidates]
         predicted = {t.trial_id: c["predicted"] for t, c in zip(trials, candidates)}
-        rows = {row["trial_id"]: row for row in self.run.rows("candidates") if row["step"] == step}
+        rows = {row["trial_id"]: row for row in self.run.journal_rows("candidates") if row["step"] == step}
 
         def on_row(row: dict) -> None:
             row = row | {"step": step, "predicted": predicted[row["trial_id"]]}
@@ -199,7 +202,7 @@ def _summary(spec: AttackSpec, run: AttackRun, baseline: dict, reason: str, chec
         raise RestoreError(f"the replicas' committed states differ after the attack: {checksums}")
     return {"stop_reason": reason, "flips": len(flips),
             "flips_to": {f"x{r:g}": flips_to(flips, r) for r in TARGETS},
-            "baseline": {k: baseline[k] for k in ("ppl", "nll", "tokens")} | {"utility_ppl": baseline.get("utility_ppl")},
+            "baseline": {k: baseline.get(k) for k in ("ppl", "nll", "tokens", "utility_ppl")},
             "final": {k: last.get(k) for k in FLIP_METRICS},
             "checksum_at_load": baseline["checksum_at_load"], "checksum_committed": checksums[0],
             "replicas": replicas, "steps_this_session": search.steps, "search_seconds": search_seconds,

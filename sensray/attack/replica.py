@@ -65,7 +65,8 @@ class AttackReplica(Replica):
         finally:
             edits.restore()
             if not edits.verify():
-                raise RestoreError(f"trial {trial.trial_id}: weights differ from their originals after the utility text")
+                raise RestoreError(f"trial {trial.trial_id}: weights differ from their originals after the "
+                                   "utility text")
         return ppl if math.isfinite(ppl) else math.inf
 
 

@@ -34,12 +34,13 @@ def finish(run: AttackRun, summary: dict) -> None:
     pl.DataFrame(flips, schema_overrides={"changes": types["changes"]}, infer_schema_length=None).write_parquet(
         run.path / "flips.parquet")
     for name in ("candidates", "random"):
-        rows = run.rows(name)
+        rows = run.journal_rows(name)
         if rows:
             to_frame(rows).write_parquet(run.path / f"{name}.parquet")
     context = f"{spec.model.name} [{spec.model.dtype}], {allowed(spec)} in {spec.attack.target}"
-    figure = save(damage_figure(flips, run.rows("random"), spec.stop.ppl_ratio, context), run.path / "damage")[0]
-    doc = document(spec, baseline, summary, flips, run.rows("random"), figure)
+    random = run.journal_rows("random")
+    figure = save(damage_figure(flips, random, spec.stop.ppl_ratio, context), run.path / "damage")[0]
+    doc = document(spec, baseline, summary, flips, random, figure)
     (run.path / "report.md").write_text(render.markdown(doc, run.path), encoding="utf-8")
     run.write_summary(summary)  # last: its presence says the attack is finished
 
@@ -97,12 +98,13 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def document(spec, baseline: dict, summary: dict, flips: list[dict], random: list[dict], figure: Path) -> render.Document:
+def document(spec, baseline: dict, summary: dict, flips: list[dict], random: list[dict],
+             figure: Path) -> render.Document:
     doc = render.Document(f"Bit-flip attack on {spec.model.name} [{spec.model.dtype}]")
     reach = ", ".join(f"{k}: {v if v is not None else 'not reached'}" for k, v in summary["flips_to"].items())
     doc.add(render.Para(f"{summary['stop_reason'].capitalize()}. Flips allowed: {allowed(spec)} in "
-                        f"`{spec.attack.target}`; clean ppl {value(baseline['ppl'])} on {baseline['tokens']:,} tokens of "
-                        f"{spec.data.corpus}. Flips needed for ppl {reach}."),
+                        f"`{spec.attack.target}`; clean ppl {value(baseline['ppl'])} on {baseline['tokens']:,} "
+                        f"tokens of {spec.data.corpus}. Flips needed for ppl {reach}."),
             render.Para(_random_line(flips, random)),
             render.Figure(figure, "damage against flips: the committed sequence beside random flips of the same bits"),
             render.Heading("The committed flips"), _flip_table(flips),

@@ -96,8 +96,8 @@ class StopSpec(Frozen):
     @classmethod
     def _reachable(cls, level: Optional[float]) -> Optional[float]:
         if level is not None and not 0 < level <= 1:
-            raise ValueError(f"{level}: top-1 agreement lies in [0, 1] and starts at 1; "
-                             + ("it can never fall below 0 or less" if level <= 0 else "it is below that before any flip"))
+            why = "it can never fall below 0 or less" if level <= 0 else "it is below that before any flip"
+            raise ValueError(f"{level}: top-1 agreement lies in [0, 1] and starts at 1; {why}")
         return level
 
 

@@ -20,60 +20,37 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sensray.attack.spec import AttackSpec, load_attack_spec
-from sensray.errors import SensrayError, SpecError
-from sensray.results import _atomic_write, new_run_id, read_journal, versions
+from sensray.errors import SensrayError
+from sensray.results import RunDir, _atomic_write, read_journal
 
 
-class AttackRun:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    @classmethod
-    def create(cls, spec: AttackSpec) -> "AttackRun":
-        run = cls(Path(spec.output_dir) / spec.name / new_run_id())
-        try:
-            run.path.mkdir(parents=True)
-        except (OSError, ValueError) as err:
-            raise SpecError("output_dir", f"cannot create the run directory {run.path}: "
-                                          f"{getattr(err, 'strerror', None) or err}") from None
-        _atomic_write(run.path / "spec.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
-        return run
-
-    @classmethod
-    def open(cls, path: str | Path) -> "AttackRun":
-        run = cls(Path(path))
-        if not (run.path / "spec.yaml").is_file():
-            raise SensrayError(f"{path} is not a sensray attack directory (no spec.yaml)")
-        return run
+class AttackRun(RunDir):
+    """A run directory (sensray.results.RunDir: created, opened and its baseline written the same way) whose
+    spec is an attack spec and whose journals are the attack's."""
 
     def spec(self, overrides: list[str] = ()) -> AttackSpec:
         return load_attack_spec(self.path / "spec.yaml", overrides)
 
-    def journal(self, name: str) -> Path:
+    def journal_of(self, name: str) -> Path:
         return self.path / f"{name}.jsonl"
 
-    def rows(self, name: str) -> list[dict[str, Any]]:
+    def journal_rows(self, name: str) -> list[dict[str, Any]]:
         """A journal's rows (a line a crash cut short is left out)."""
-        path = self.journal(name)
+        path = self.journal_of(name)
         return read_journal(path) if path.is_file() else []
 
     def flips(self) -> list[dict[str, Any]]:
         """The committed flips in step order; each step once, and no gaps (else the journal is not this run's)."""
-        flips = sorted(self.rows("flips"), key=lambda row: row["step"])
+        flips = sorted(self.journal_rows("flips"), key=lambda row: row["step"])
         if [f["step"] for f in flips] != list(range(len(flips))):
-            raise SensrayError(f"{self.journal('flips')}: steps {[f['step'] for f in flips]} are not 0, 1, 2, ...; "
+            raise SensrayError(f"{self.journal_of('flips')}: steps {[f['step'] for f in flips]} are not 0, 1, 2, ...; "
                                "the committed sequence is broken (restore the file, or start a new attack)")
         return flips
 
     @property
     def finished(self) -> bool:
         return (self.path / "attack.json").is_file()
-
-    def write_baseline(self, baseline: dict[str, Any]) -> None:
-        _atomic_write(self.path / "baseline.json", json.dumps(baseline | {"versions": versions()}, indent=2) + "\n")
 
     def baseline(self) -> dict[str, Any]:
         return json.loads((self.path / "baseline.json").read_text(encoding="utf-8"))

@@ -32,7 +32,8 @@ class ReplicaActor:
         hf_logging.disable_progress_bar()  # a loading bar per actor, prefixed by Ray, is only noise
         self.replica = None
 
-    def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None, committed: list | None = None) -> dict:
+    def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None,
+             committed: list | None = None) -> dict:
         """Load the model and eval data once (then replay `committed` changes); return the baseline and where
         this replica lives."""
         from sensray.spec import validate

@@ -130,8 +130,9 @@ def correlations(table: pl.DataFrame) -> pl.DataFrame:
         for name, group in groups.items():
             if not len(group):
                 continue  # e.g. no trial of a noise run sits in one block
+            measured = group["measured"].to_numpy()
             out.append({"run": run, "kind": part["kind"][0], "granularity": name, "n": len(group),
-                        **{f"rho_{p}": spearman(group[p].to_numpy(), group["measured"].to_numpy()) for p in PREDICTORS}})
+                        **{f"rho_{p}": spearman(group[p].to_numpy(), measured) for p in PREDICTORS}})
     return pl.DataFrame(out, schema={"run": pl.String, "kind": pl.String, "granularity": pl.String, "n": pl.Int64,
                                      **{f"rho_{p}": pl.Float64 for p in PREDICTORS}})
 

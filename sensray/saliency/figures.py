@@ -37,8 +37,8 @@ def heatmap(tensors: pl.DataFrame, check: pl.DataFrame | None = None, context: s
     """Predicted loss change of zeroing each block's modules, beside the measured one when an ablation
     run was checked (else beside the Taylor score sum |g * w|)."""
     value = "zero_predicted"
-    panels = [(f"predicted: zeroing ({'first + second order' if tensors['zero_second'].null_count() == 0 else 'first order'})",
-               grid(tensors, value))]
+    order = "first + second order" if tensors["zero_second"].null_count() == 0 else "first order"
+    panels = [(f"predicted: zeroing ({order})", grid(tensors, value))]
     measured = _ablation(check)
     if measured is not None and len(measured):
         panels.append(("measured: zero ablation (sweep)", grid(measured, "measured")))

@@ -1,10 +1,8 @@
 """What flipping one bit of every element would do, and the first-order loss change it predicts.
 
     new = flipped(w, 30)                            # every element of w with bit 30 flipped (w's dtype)
-    best = TopFlips(k=8)
-    for bit in bits_of(w.dtype, "exponent"):
-        best.add(*predicted(w, g, bit), bit=bit)    # g * (w_flipped - w), per element
-    best.table()                                    # the k largest predicted increases of the loss
+    best = best_flips(w, g, bits_of(w.dtype, "exponent"), k=8)   # g * (w_flipped - w), the 8 largest increases
+    best.rows()                                     # index, bit, old, new, grad, predicted
 
 A flip is an XOR of the integer view (as sensray.perturbations.bitflip does it), so the flipped value
 is exactly what a trial of that flip writes. The predicted change of the loss is g * (new - old), in
@@ -20,6 +18,7 @@ Work is done in chunks of CHUNK elements, so a 7B embedding needs a few MiB at a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,16 +45,47 @@ def flipped(w: torch.Tensor, bit: int) -> torch.Tensor:
     return (raw ^ mask).view(w.dtype)
 
 
-def predicted(w: torch.Tensor, g: torch.Tensor, bit: int, finite_only: bool = False):
-    """(predicted loss change g * (new - old) as float64, new values as float64) for flipping `bit` of every
-    element of the flat tensors `w`, `g`. Non-finite new values: +inf, or -inf (never chosen) with
-    `finite_only`."""
-    new = flipped(w, bit).double()
-    change = g.double() * (new - w.double())
-    broken = ~torch.isfinite(new)
-    change[broken] = -np.inf if finite_only else np.inf
-    change[~broken & torch.isnan(change)] = 0.0  # g = 0 times an infinite step: no first-order change
-    return change, new
+@dataclass
+class Chunk:
+    """Part of a flat tensor and its gradient, widened to float64 once for all its bits."""
+
+    w: torch.Tensor  # the weights' own dtype: what gets flipped
+    wide: torch.Tensor  # w as float64
+    g: torch.Tensor  # the gradient as float64
+    offset: int = 0  # flat index of its first element
+
+    @classmethod
+    def of(cls, w: torch.Tensor, g: torch.Tensor, offset: int = 0) -> "Chunk":
+        return cls(w, w.double(), g.double(), offset)
+
+
+def chunks(w: torch.Tensor, g: torch.Tensor) -> Iterator[Chunk]:
+    for start in range(0, w.numel(), CHUNK):
+        yield Chunk.of(w[start: start + CHUNK], g[start: start + CHUNK], start)
+
+
+def predicted(chunk: Chunk, bit: int, finite_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted loss change g * (new - old), new values), float64, for flipping `bit` of every element.
+    A non-finite new value predicts +inf (or -inf, never chosen, with `finite_only`); a finite one a finite
+    change, so g = 0 never meets an infinite step."""
+    new = flipped(chunk.w, bit).double()
+    change = chunk.g * (new - chunk.wide)
+    broken = torch.tensor(-np.inf if finite_only else np.inf, dtype=torch.float64, device=new.device)
+    return torch.where(torch.isfinite(new), change, broken), new
+
+
+Offer = tuple[np.ndarray, ...]  # score, index, bit, old, new, grad of the flips one bit of one chunk offers
+
+
+def offer(chunk: Chunk, bit: int, k: int, finite_only: bool = False) -> Offer | None:
+    """The k flips of `bit` in this chunk with the largest predicted increase (only increases), or None."""
+    change, new = predicted(chunk, bit, finite_only)
+    score, where = torch.topk(change, min(k, change.numel()))
+    where = where[score > 0]
+    if not len(where):
+        return None
+    return (change[where].cpu().numpy(), where.cpu().numpy() + chunk.offset, np.full(len(where), bit),
+            chunk.wide[where].cpu().numpy(), new[where].cpu().numpy(), chunk.g[where].cpu().numpy())
 
 
 COLUMNS = ("score", "index", "bit", "old", "new", "grad")
@@ -73,21 +103,10 @@ class TopFlips:
     new: np.ndarray = field(default_factory=lambda: np.empty(0))
     grad: np.ndarray = field(default_factory=lambda: np.empty(0))
 
-    def add(self, change: torch.Tensor, new: torch.Tensor, w: torch.Tensor, g: torch.Tensor, bit: int,
-            offset: int = 0) -> None:
-        """Offer every element of one chunk (flat index = offset + position); only increases are kept."""
-        k = min(self.k, change.numel())
-        score, where = torch.topk(change, k)
-        keep = score > 0
-        score, where = score[keep], where[keep]
-        if not len(score):
+    def add(self, offered: Offer | None) -> None:
+        if offered is None:
             return
-        self._merge(score.cpu().numpy(), where.cpu().numpy() + offset, np.full(len(where), bit),
-                    w.double()[where].cpu().numpy(), new[where].cpu().numpy(), g.double()[where].cpu().numpy())
-
-    def _merge(self, score, index, bit, old, new, grad) -> None:
-        parts = {"score": score, "index": index, "bit": bit, "old": old, "new": new, "grad": grad}
-        for name, part in parts.items():
+        for name, part in zip(COLUMNS, offered):
             setattr(self, name, np.concatenate([getattr(self, name), part]))
         self.keep(np.argsort(-self.score, kind="stable")[: self.k])
 
@@ -107,11 +126,9 @@ def best_flips(w: torch.Tensor, g: torch.Tensor, bits: tuple[int, ...], k: int, 
     """The k flips among `bits` of flat `w` with the largest predicted loss increase (chunked).
     `exclude`: (flat index, bit) pairs never to choose (e.g. flips already committed)."""
     top = TopFlips(k + len(exclude))
-    for start in range(0, w.numel(), CHUNK):
-        wc, gc = w[start: start + CHUNK], g[start: start + CHUNK]
+    for chunk in chunks(w, g):
         for bit in bits:
-            change, new = predicted(wc, gc, bit, finite_only)
-            top.add(change, new, wc, gc, bit, offset=start)
+            top.add(offer(chunk, bit, top.k, finite_only))
     if exclude:
         top.keep(np.array([(int(i), int(b)) not in exclude for i, b in zip(top.index, top.bit)], dtype=bool))
     top.keep(slice(0, k))

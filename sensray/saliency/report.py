@@ -45,7 +45,8 @@ def document(setup: dict, summary: dict, frames: dict[str, pl.DataFrame], figure
 
 def _setup(setup: dict, summary: dict) -> str:
     return (f"Model `{setup['model']}` [{setup['dtype']}, {setup['device']}], {setup['parameters']:,} parameters; text "
-            f"{setup['corpus']}, {summary['tokens']:,} scored tokens ({setup['windows']} windows of {setup['seq_len']}); "
+            f"{setup['corpus']}, {summary['tokens']:,} scored tokens ({setup['windows']} windows of "
+            f"{setup['seq_len']}); "
             f"mean NLL {summary['loss']:.4f}. The Fisher diagonal averages {summary['fisher_windows']} windows.")
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from sensray.architectures import components
 from sensray.perturbations.bitflip import LAYOUTS
-from sensray.saliency.flips import CHUNK, FIELDS, TopFlips, predicted
+from sensray.saliency.flips import FIELDS, TopFlips, chunks, offer
 
 SUMS = ("taylor", "zero_first", "grad_sq", "fisher", "fisher_w2")  # per-row sums
 
@@ -123,13 +123,12 @@ class Scores:
     def _flips(self, w: torch.Tensor, g: torch.Tensor) -> dict[str, TopFlips]:
         layout = LAYOUTS[w.dtype]
         tops = {name: TopFlips(self.top_k) for name in self.fields}
-        for start in range(0, w.numel(), CHUNK):
-            wc, gc = w[start: start + CHUNK], g[start: start + CHUNK]
+        for chunk in chunks(w, g):
             for bit in sorted({b for name in self.fields for b in layout[name]}):
-                change, new = predicted(wc, gc, bit)
+                offered = offer(chunk, bit, self.top_k)  # once per bit, for every field that holds it
                 for name in self.fields:
                     if bit in layout[name]:
-                        tops[name].add(change, new, wc, gc, bit, offset=start)
+                        tops[name].add(offered)
         return tops
 
     def fisher_consumer(self, tokens: int, windows: int):
