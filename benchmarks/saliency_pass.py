@@ -9,6 +9,9 @@ memory  a ~110M-parameter random Llama (fp32 weights: 455 MiB) on a short text (
             ordinary  backward, then read every param.grad (naive_gradients): a second model of gradients
         each with a consumer that does nothing (the gradients alone) and with the per-row and top-element
         scores (Taylor, -g w, g^2; the flip scores work in fixed 4M-element chunks and are left out here).
+        The children run with MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every large tensor by mmap and
+        returns it on free, so RSS is live memory; with its default (a threshold that rises to 32 MiB as
+        tensors are freed) freed gradients stay in the heap and the high-water mark measures the allocator.
 time    the shipped model on its 16 x 128-token eval text: the gradient pass and the Fisher window passes,
         against the summed trial seconds of finished sweeps of the same text (--sweeps), or a measured
         trial time x the trial counts of the shipped bitflip, noise and ablation studies.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,7 +71,7 @@ def memory_table() -> list[dict]:
         for consumer in ("none", "scores"):
             for way in ("hooked", "ordinary"):
                 child = subprocess.run([sys.executable, __file__, "--child", tmp, way, consumer], capture_output=True,
-                                       text=True, check=True)
+                                       text=True, check=True, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
                 out.append(json.loads(child.stdout.strip().splitlines()[-1]))
         return out
 
