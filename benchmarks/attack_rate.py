@@ -7,13 +7,16 @@ A step is one backward pass on one replica (the ranking) and `--evaluate` exact 
 the pool, then a commit on every replica (which re-records its prefix). Mantissa-only flips, so the search
 does not stop at its first flip (an unrestricted one breaks the model at once). Each way runs
 `sensray attack` in its own process (its own Ray) and reads steps_per_minute from attack.json: the search
-loop only, not the replicas' startup nor the random baseline (switched off here).
+loop only, not the replicas' startup nor the random baseline (switched off here). Every way runs with
+OMP_NUM_THREADS=1 (a Ray actor pins one thread per replica anyway): on a shared CPU torch's default of a
+thread per core oversubscribes it and a local step costs 10-30x more (docs/BENCHMARKS.md, "Attack").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,7 @@ def one(way: str, flips: int, evaluate: int, out: Path) -> dict:
     command = [sys.executable, "-m", "sensray", "attack", str(REPO / "experiments" / "attack-bitflip.yaml"),
                *WAYS[way], "--output-dir", str(out), "--set", "attack.field=mantissa",
                "--set", f"stop.max_flips={flips}", "--set", "random.seeds=0", "--set", f"attack.evaluate={evaluate}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{way} failed:\n{done.stderr[-2000:]}")
     summary = json.loads((Path(done.stdout.strip().splitlines()[-1]) / "attack.json").read_text())
