@@ -48,6 +48,8 @@ command("prune", "sensray.prune", "prune a model, save it as a Hugging Face dire
 command("superweights", "sensray.superweights.cli", "find a model's super weights and verify them")
 command("heal", "sensray.heal.cli", "fine-tune a pruned model back to health (LoRA or masked), keeping its zeros")
 command("study", "sensray.study.cli", "stages in one resumable directory: sweep, allocate, prune, heal, evaluate, report")
+command("saliency", "sensray.saliency.cli", "a whole-model sensitivity map from gradients; --check a sweep against it")
+command("attack", "sensray.attack.cli", "the fewest bit flips that break a model: gradient-guided, on the replica pool")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 command("adversarial", "sensray.adversarial.cli", "input edits that mislead a model (GCG, HotFlip), on damaged weights too")
 

@@ -6,6 +6,7 @@
         --param seed=1 --prompt "The for statement"
     python -m sensray.generate --run results/bitflip/<run id> --trial <trial_id> --prompt "..."
     python -m sensray.generate --adversarial results/adversarial/<run id> [--model data/tiny-wanda50]
+    python -m sensray.generate --attack results/attack-bitflip/<run id>        # an attack's committed flips
 
 Decoding is greedy, so the same model, prompt and perturbation always give the same text.
 With a perturbation the unperturbed and perturbed continuations are printed side by side (one
@@ -15,7 +16,8 @@ parsed as YAML (`seed=1` is an int, `coords=[[0, 3]]` a list). `--trial` re-appl
 finished run exactly: trials are deterministic given their parameters, so the same elements
 flip (or the same noise is drawn) as in the sweep. `--adversarial` continues each input of a
 finished `sensray adversarial` run, clean and attacked (its token ids as found), on its model
-or on another one with the same tokenizer (`--model`).
+or on another one with the same tokenizer (`--model`). `--attack` applies an attack's committed
+flips (sensray attack), each checked against the bits it overwrites, and reverts them after.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from sensray import safe_yaml
+from sensray.changes import element
 from sensray.errors import RestoreError, SpecError, run_cli
 
 DEFAULT_PROMPT = "The for statement"
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trial id (or a unique prefix) from the run's trials.parquet")
     parser.add_argument("--adversarial", metavar="RUN_DIR",
                         help="a finished `sensray adversarial` run: every attack's clean vs adversarial continuation")
+    parser.add_argument("--attack", metavar="ATTACK_DIR",
+                        help="an attack's directory (sensray attack): its model, clean beside its committed flips")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code shipped with the model (needed when its spec says trust_remote_code)")
     return parser
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.adversarial:
         return _adversarial(args)
+    if args.attack:
+        return _attacked(args)
     model_spec, kind, params, about = _plan(args)
     from sensray.models import load_model, load_tokenizer, pick_device
 
@@ -123,6 +130,35 @@ def _adversarial(args: argparse.Namespace) -> int:
         print(f"case {r['case']} ({r['source']}), budget {r['budget']} on {model_spec.name}\n"
               f"prompt: {r['prompt']!r}\nadversarial edit: {r['text']!r}\n")
         print(compare_texts("clean input", clean, "adversarial input", attacked, _width()) + "\n")
+    return 0
+
+
+def _attacked(args: argparse.Namespace) -> int:
+    """Clean text beside the text of the model with an attack's committed flips (reverted and verified after)."""
+    from pathlib import Path
+
+    from sensray.attack.state import committed_changes, read_flips
+    from sensray.committed import committed
+    from sensray.models import load_model, load_tokenizer, pick_device
+    from sensray.spec import check_remote_code
+
+    if args.run or args.perturb or args.param or args.model or args.dtype:
+        raise SpecError("--attack", "the model and its flips come from the attack's directory; drop "
+                                    "--run/--trial/--perturb/--param/--model/--dtype")
+    if not (Path(args.attack) / "spec.yaml").is_file():
+        raise SpecError("--attack", f"{args.attack} is not an attack's directory (no spec.yaml)")
+    spec, flips = read_flips(args.attack)
+    check_remote_code(spec.model, args.trust_remote_code)
+    model_spec = spec.model.model_copy(update={"device": args.device} if args.device else {})
+    model, tokenizer = load_model(model_spec, pick_device(model_spec)), load_tokenizer(model_spec)
+    clean = greedy(model, tokenizer, args.prompt, args.max_new_tokens, args.ignore_eos)
+    with committed(model, committed_changes(flips)):
+        attacked = greedy(model, tokenizer, args.prompt, args.max_new_tokens, args.ignore_eos)
+    more = f"\n  ... {len(flips) - 8} more" if len(flips) > 8 else ""
+    said = "\n".join(f"  {element(f)}" for f in flips[:8]) + more
+    print(f"prompt: {args.prompt!r}\nattack: {args.attack}, {len(flips)} committed flips:\n{said}\n")
+    print(compare_texts("clean", clean, f"after {len(flips)} flips", attacked, _width()))
+    print("\nflips reverted; weights verified bit-exact against the checksum taken before")
     return 0
 
 

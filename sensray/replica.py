@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sensray.checksum import weights_checksum
+from sensray.committed import apply_changes
 from sensray.data import eval_batches
 from sensray.early_stop import RungCheck, rung_batches
 from sensray.errors import RestoreError
@@ -49,6 +50,7 @@ class Baseline:
 class Replica:
     def __init__(self, spec: ExperimentSpec, replica_id: str = "local-0", model=None, tokenizer=None):
         self.spec, self.replica_id = spec, replica_id
+        self.committed: list[dict] = []  # changes every trial starts from and restores to (sensray.committed)
         self.device = pick_device(spec.model)
         self.model = model if model is not None else load_model(spec.model, self.device)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
@@ -133,3 +135,12 @@ class Replica:
 
     def checksum(self) -> str:
         return weights_checksum(self.model)
+
+    def commit(self, changes: list[dict]) -> None:
+        """Make `changes` (raw-bit edits recorded like a row's provenance) part of the state every later trial
+        starts from and restores to. The baseline and reference stay the loaded model's, so rows keep measuring
+        against the clean model; the prefix recordings are retaken (blocks after a change compute otherwise)."""
+        apply_changes(self.model, changes)
+        self.committed.extend(changes)
+        if self.prefix is not None:
+            self.prefix = self._record_prefix()

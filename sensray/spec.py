@@ -221,6 +221,8 @@ def parse_spec(text: str, overrides: list[str] = (), model: type[Frozen] | None 
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
     if "stages" in raw and "perturbation" not in raw:
         raise SpecError("stages", "this is a study spec (a list of stages), not an experiment: run it with sensray study")
+    if "attack" in raw and "perturbation" not in raw:
+        raise SpecError("attack", "this is an attack spec: run it with `sensray attack`")
     for override in overrides:
         apply_override(raw, override)
     return validate(raw, model)

@@ -99,10 +99,10 @@ def test_bad_resources_name_the_key(resources, path, words):
     assert err.path == path and words in err.message
 
 
-# adversarial*.yaml are `sensray adversarial` specs (tests/test_adversarial_cli.py); study specs (a list of
-# stages) are checked in test_study.py (dry runs of the shipped studies).
+# adversarial*.yaml are `sensray adversarial` specs (tests/test_adversarial_cli.py), attack-*.yaml are
+# AttackSpecs (tests/test_attack_spec.py); study specs (a list of stages) are checked in test_study.py.
 EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml")
-                     if not p.name.startswith("adversarial") and "\nstages:" not in p.read_text())
+                     if not p.name.startswith(("adversarial", "attack-")) and "\nstages:" not in p.read_text())
 # Every experiment on the shipped model, and its trial count when planned against the model's structure.
 # The 7B ones are planned in test_cluster_yaml.py and test_superweights.py (their configs are on the Hub).
 TINY_TRIALS = {"ablation-blocks.yaml": 8, "ablation.yaml": 8 * 7 * 2, "bitflip-random.yaml": 40,

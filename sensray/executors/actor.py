@@ -32,8 +32,10 @@ class ReplicaActor:
         hf_logging.disable_progress_bar()  # a loading bar per actor, prefixed by Ray, is only noise
         self.replica = None
 
-    def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None) -> dict:
-        """Load the model and eval data once; return the baseline and where this replica lives."""
+    def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None,
+             committed: list | None = None) -> dict:
+        """Load the model and eval data once (then replay `committed` changes); return the baseline and where
+        this replica lives."""
         from sensray.spec import validate
 
         spec_ = validate(spec)
@@ -42,14 +44,37 @@ class ReplicaActor:
         node_ip = ray.util.get_node_ip_address()
         replica_id = f"ray-{index}@{node_ip}"
         self.replica = (factory or build_replica)(spec_, replica_id)
+        if committed:
+            self.replica.commit(committed)
         return {"baseline": asdict(self.replica.baseline), "replica_id": replica_id, "pid": os.getpid(),
-                "node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id()}
+                "node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id(),
+                "committed": len(committed or ())}
 
     def run_trial(self, trial) -> dict:
         return self.replica.run_trial(trial)
 
     def checksum(self) -> str:
         return self.replica.checksum()
+
+    # -- committed state and questions: an attack's loop (sensray.attack); ordinary sweeps use neither --
+
+    def commit(self, changes: list) -> int:
+        self.replica.commit(changes)
+        return len(self.replica.committed)
+
+    def ask(self, question: str, *args: Any) -> Any:
+        return answer(self.replica, question, args)
+
+
+def answer(replica, question: str, args: tuple) -> Any:
+    """What a specialised replica (built by a factory, e.g. the attack's) answers: only the methods it
+    names in `questions`, so a driver can ask for a gradient ranking but never call anything else."""
+    if question not in getattr(replica, "questions", ()):
+        from sensray.errors import SensrayError
+
+        raise SensrayError(f"a {type(replica).__name__} does not answer {question!r} (it answers: "
+                           f"{', '.join(getattr(replica, 'questions', ())) or 'nothing'})")
+    return getattr(replica, question)(*args)
 
 
 def build_replica(spec, replica_id: str):

@@ -145,6 +145,7 @@ class RayExecutor:
         self.attempts: Counter[str] = Counter()
         self.retry: deque[Trial] = deque()
         self.baseline: dict | None = None
+        self.committed: list[dict] = []  # changes every replica holds (and a new one replays): see commit()
         self.started_ray = False
         self.launched = self.deaths_in_a_row = 0
         self.target = 0
@@ -221,7 +222,8 @@ class RayExecutor:
         slot = Slot(self.launched, self._remote.remote(max(1, int(res.cpus))))
         self.launched += 1
         self.slots.append(slot)
-        self.refs[slot.actor.load.remote(self.spec.resolved(), slot.index, self.factory)] = (slot, None)
+        self.refs[slot.actor.load.remote(self.spec.resolved(), slot.index, self.factory, list(self.committed))] = (
+            slot, None)
 
     def _fill(self, feed) -> int:
         """Top every loaded replica up to `depth` trials in flight, one level at a time (fair)."""
@@ -277,6 +279,9 @@ class RayExecutor:
             info["replica_id"], info["pid"], info["node_ip"], info["node_id"])
         if self.baseline is None:
             self.baseline = baseline
+        behind = len(self.committed) - info["committed"]
+        if behind:  # changes committed while it loaded
+            self._committed_on(slot, slot.actor.commit.remote(self.committed[-behind:]))
 
     def _lost(self, slot: Slot, err: Exception, on_row: Callable[[dict], None] | None) -> None:
         """A replica died: requeue its trials in flight (the running one counts an attempt), replace it."""
@@ -300,6 +305,42 @@ class RayExecutor:
             raise SensrayError(f"{self.deaths_in_a_row} replicas died in a row without finishing a trial; "
                                f"last: {reason}")
         self._launch()
+
+    # -- committed state and questions: an attack's loop (sensray.attack); ordinary sweeps use neither --
+
+    def commit(self, changes: list[dict]) -> None:
+        """Make `changes` part of every replica's state, with no trial in flight: loaded replicas apply them
+        now, loading ones once loaded, and a replacement replays the whole list while it loads."""
+        self.committed.extend(changes)
+        for slot, ref in [(slot, slot.actor.commit.remote(changes)) for slot in self.slots if slot.ready]:
+            self._committed_on(slot, ref)
+
+    def _committed_on(self, slot: Slot, ref) -> None:
+        import ray
+
+        try:
+            ray.get(ref)
+        except _lost_errors() as err:
+            self._lost(slot, err, None)  # its replacement replays self.committed while it loads
+        except ray.exceptions.RayTaskError as err:  # e.g. RestoreError: the change does not fit these weights
+            raise _cause(err) from None
+
+    def ask(self, question: str, *args: Any) -> Any:
+        """One loaded replica's answer (sensray.executors.actor.answer), e.g. the attack's gradient ranking;
+        a replica that dies answering is replaced and the next one asked."""
+        import ray
+
+        while True:
+            slot = next((s for s in self.slots if s.ready), None)
+            if slot is None:
+                self._step()  # no trial is in flight: this waits for a replica to load
+                continue
+            try:
+                return ray.get(slot.actor.ask.remote(question, *args))
+            except _lost_errors() as err:
+                self._lost(slot, err, None)
+            except ray.exceptions.RayTaskError as err:
+                raise _cause(err) from None
 
     def _check_feasible(self, total: dict[str, float]) -> None:
         res = self.spec.resources
