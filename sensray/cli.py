@@ -46,6 +46,7 @@ command("analyze", "sensray.analyze.__main__", "tables, figures and a report fro
 command("generate", "sensray.generate", "text from a model, as it is and perturbed")
 command("prune", "sensray.prune", "prune a model, save it as a Hugging Face directory")
 command("superweights", "sensray.superweights.cli", "find a model's super weights and verify them")
+command("evaluate", "sensray.evaluate", "a model's perplexity and lm-eval task scores, as a run directory")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 
 

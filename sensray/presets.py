@@ -35,7 +35,7 @@ analysis("bit-level", "bitflip", "one flipped bit per trial, per block and IEEE 
 analysis("pruning", "prune", "magnitude and wanda pruning of every block, per matrix and per row, 0..90%")
 analysis("adversarial", None)
 analysis("integrated", None)
-analysis("evaluate", None)
+analysis("evaluate", "evaluate", "the model as it is: perplexity and lm-eval task scores (sensray evaluate)")
 analysis("fine-tuning", None)
 
 
