@@ -19,7 +19,7 @@ Task scores are columns `<task>/<metric>`, `<task>/<metric>_stderr` and `<task>/
 are sensray's own protocol (data.* windows, each window's first token unscored), and
 `sensray-data-ppl` is lm-eval's rolling-window perplexity of those same windows' text, to read both
 protocols side by side (docs/analysis.md). Bad input (an unknown task, a generation task, a Hub
-dataset while HF_HUB_OFFLINE is set, --limit 0) exits with status 2, at --dry-run too, writing
+dataset while HF_HUB_OFFLINE is set or the Hub cannot be reached, --limit 0) exits with status 2, at --dry-run too, writing
 nothing. The last line printed is the run directory.
 """
 

@@ -155,3 +155,33 @@ def test_bad_tasks_fail_the_checks_in_one_line(everything, name, words):
     assert err.value.path == "eval.tasks" and "\n" not in message
     for word in words:
         assert word in message, message
+
+
+@pytest.mark.slow  # lm-eval's index, as above
+def test_a_hub_dataset_without_a_network_fails_the_checks_before_any_retry(everything, monkeypatch):
+    from sensray.tasks import catalog
+
+    monkeypatch.setattr(catalog, "hub_offline", lambda: False)  # HF_HUB_OFFLINE unset, as on a user's machine
+    monkeypatch.setattr(catalog, "hub_unreachable", lambda: "huggingface.co:443: Name or service not known")
+    with pytest.raises(SpecError) as err:
+        Catalog(["arc_easy"]).check("eval.tasks")
+    message = str(err.value)
+    assert "\n" not in message and "allenai/ai2_arc" in message and "cannot be reached" in message
+    assert "HF_HUB_OFFLINE=1" in message
+    Catalog(["sensray-pydoc-choice"]).check("eval.tasks")  # shipped tasks never ask for the network
+
+
+def test_the_hub_probe_names_the_address_it_could_not_reach(monkeypatch):
+    import socket
+
+    from sensray.tasks import catalog
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    catalog.hub_unreachable.cache_clear()
+    try:
+        assert catalog.hub_unreachable() == "huggingface.co:443: Connection refused"
+    finally:
+        catalog.hub_unreachable.cache_clear()

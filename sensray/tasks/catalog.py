@@ -1,7 +1,7 @@
 """Which lm-eval tasks a spec names, and whether sensray can score them here (the dry-run checks).
 
     catalog = Catalog(["sensray-pydoc-choice", "arc_easy"])
-    catalog.check("eval.tasks")       # unknown name, unscorable output type, Hub data while offline
+    catalog.check("eval.tasks")       # unknown name, unscorable output type, Hub data while offline or unreachable
     tasks = catalog.load()            # lm-eval's TaskDict: datasets loaded, ready to evaluate
 
 sensray's shipped tasks need no index: with only those, lm-eval's TaskManager is built without
@@ -140,8 +140,15 @@ def check_dataset(task: str, cfg: dict, key: str) -> None:
             if not Path(file).is_file():
                 raise SpecError(key, f"task {task!r} reads {file}, which does not exist")
         return
-    if not path or Path(path).exists() or not hub_offline():
-        return  # a local dataset directory, or the Hub is reachable: lm-eval downloads it when the run starts
+    if not path or Path(path).exists():
+        return  # a local dataset directory
+    if not hub_offline():
+        unreachable = hub_unreachable()
+        if unreachable:  # datasets would retry for minutes, then fail; say so now, in one line
+            raise SpecError(key, f"task {task!r} needs the dataset {path!r} from the Hugging Face Hub, which "
+                                 f"cannot be reached from here ({unreachable}): set HF_HUB_OFFLINE=1 to read "
+                                 "the local datasets cache instead, or use sensray's offline tasks")
+        return  # lm-eval downloads it when the run starts
     import datasets
 
     try:
@@ -159,6 +166,24 @@ def hub_offline() -> bool:
     import datasets
 
     return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (None when it can): one TCP connection to its endpoint, once per
+    process, where datasets' own retries on a machine without network take minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (80 if url.scheme == "http" else 443))
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError as err:
+        return f"{address[0]}:{address[1]}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def _data_files(files: Any) -> list[str]:
