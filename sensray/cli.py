@@ -50,6 +50,7 @@ command("heal", "sensray.heal.cli", "fine-tune a pruned model back to health (Lo
 command("study", "sensray.study.cli", "stages in one resumable directory: sweep, allocate, prune, heal, evaluate, report")
 command("saliency", "sensray.saliency.cli", "a whole-model sensitivity map from gradients; --check a sweep against it")
 command("attack", "sensray.attack.cli", "the fewest bit flips that break a model: gradient-guided, on the replica pool")
+command("evaluate", "sensray.evaluate", "a model's perplexity and lm-eval task scores, as a run directory")
 command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 command("adversarial", "sensray.adversarial.cli", "input edits that mislead a model (GCG, HotFlip), on damaged weights too")
 

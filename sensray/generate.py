@@ -255,7 +255,7 @@ def find_trial(table, trial: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The row of `trial` (an id or a unique prefix) and its parameters exactly as the sweep ran them."""
     import polars as pl
 
-    from sensray.results import LAST_COLUMNS, PROVENANCE
+    from sensray.results import LAST_COLUMNS, PROVENANCE, is_task_column
     from sensray.space import trial_id
 
     if not table.is_file():
@@ -271,7 +271,7 @@ def find_trial(table, trial: str) -> tuple[dict[str, Any], dict[str, Any]]:
     row = rows.row(0, named=True)
     # Every column between the ids and what-changed is a parameter (target too).
     not_params = {"trial_id", "kind", "sample", *PROVENANCE, *LAST_COLUMNS}
-    params = {c: row[c] for c in trials.columns if c not in not_params}
+    params = {c: row[c] for c in trials.columns if c not in not_params and not is_task_column(c)}
     if trial_id(row["kind"], params) != row["trial_id"]:  # the id hashes the params: a cheap proof of a faithful read
         print(f"warning: the parameters read back from {table} hash to {trial_id(row['kind'], params)}, not "
               f"{row['trial_id']} (a column changed type?); applying them as read", file=sys.stderr)

@@ -12,7 +12,10 @@ dry run passes cannot fail a real run later for a reason that was knowable up fr
   (a truncated copy fails here, not in each replica);
 - the device asked for exists (`cuda` on a machine without one), when the replicas run here;
 - the output directory can be created, without creating anything: its nearest existing parent is
-  a writable directory and the new names fit the filesystem.
+  a writable directory and the new names fit the filesystem;
+- lm-eval tasks (`eval:`): lm-eval is installed, every name is a task it (or sensray) knows, each
+  is scored by likelihood, and its data is reachable (a Hub dataset while the Hub is switched off
+  must be in the local cache), all without loading a dataset.
 
 Errors are the same `SensrayError`s the replicas would raise, so the message does not depend on
 where a check happened. (Targets, parameters and the model's context are checked by the plan.)
@@ -39,6 +42,10 @@ def preflight(spec: ExperimentSpec, replicas_here: bool, run: Path | None = None
         pick_device(spec.model)
         check_data(spec)
     check_weights(spec.model)
+    if spec.eval is not None:  # names, output types; where the replicas run here, their data too
+        from sensray.tasks import Catalog
+
+        Catalog(spec.eval.tasks).check("eval.tasks", data=replicas_here)
     if run is None:
         check_creatable(Path(spec.output_dir) / spec.name, "output_dir", RUN_ID_LENGTH)
     else:

@@ -38,7 +38,7 @@ analysis("adversarial", "adversarial", "GCG token suffixes that raise the true c
          command="adversarial")
 analysis("integrated", "integrated", "sensitivity -> allocation -> pruned (allocated, uniform) -> healed (lora, "
                                     "masked) -> evaluated -> report, as one study", command="study")
-analysis("evaluate", None)
+analysis("evaluate", "evaluate", "the model as it is: perplexity and lm-eval task scores (sensray evaluate)")
 analysis("fine-tuning", "fine-tuning", "wanda 50% pruning healed by LoRA and by masked fine-tuning, evaluated",
          command="study")
 

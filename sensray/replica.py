@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -24,7 +24,7 @@ from sensray.metrics import Scores, evaluate, reference
 from sensray.models import load_model, load_tokenizer, pick_device, resolve_name
 from sensray.perturbations import PERTURBATIONS
 from sensray.prefix import PrefixCache, default_budget
-from sensray.results import PROVENANCE
+from sensray.results import PROVENANCE, TASK_SECONDS
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
 
@@ -45,6 +45,7 @@ class Baseline:
     checksum_at_load: str
     vocab_size: int | None = None  # a uniform guess over it scores ppl = vocab_size: the damage ceiling
     seq_nll: tuple[float, ...] | None = None  # per eval sequence, for bootstrap intervals (metrics.Scores)
+    tasks: dict | None = None  # lm-eval task scores of the unperturbed model (spec `eval:`)
 
 
 class Replica:
@@ -83,12 +84,16 @@ class Replica:
             vocab_size=self.reference.logits[0].shape[-1],
             seq_nll=scores.seq_nll,
         )
+        self.tasks = self._task_scorer(tokenizer) if spec.eval is not None else None
+        if self.tasks is not None:
+            self.baseline_tasks = self.tasks.score()
+            self.baseline = replace(self.baseline, tasks=self.baseline_tasks.columns)
 
     def run_trial(self, trial: Trial) -> dict:
         """One row of the trial table. A failing trial is recorded with its error, never raised,
         unless the weights could not be restored: then nothing after it could be trusted."""
         start = time.perf_counter()
-        error, scores, check, changes = None, None, None, {}
+        error, scores, check, changes, tasks = None, None, None, {}, None
         kind = PERTURBATIONS.get(trial.kind)
         params = kind.parse(trial.params)
         edits = None
@@ -98,6 +103,7 @@ class Replica:
             first = self.prefix.start_for(edits) if self.prefix is not None else 0
             check = self._rung_check(trial)
             scores = evaluate(self.model, self.batches, self.reference, self.prefix, first, check)
+            tasks = self._tasks(trial, scores, edits)
         except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: a result, not a crash
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()
@@ -111,7 +117,25 @@ class Replica:
         row = self._row(trial, changes, scores, error, time.perf_counter() - start)
         if check is not None:
             row.update(check.row_fields(), tokens=scores.tokens if scores is not None else None)
+        if tasks is not None:
+            row.update(tasks.columns, **{TASK_SECONDS: tasks.seconds})
         return row
+
+    def _task_scorer(self, tokenizer):
+        from sensray.tasks import TaskScorer
+
+        text = tokenizer.decode(torch.cat([b.flatten() for b in self.batches]).tolist())  # sensray-data-ppl's text
+        e = self.spec.eval
+        return TaskScorer(self.model, tokenizer, e.tasks, e.limit, e.batch_size, e.bootstrap_iters, text)
+
+    def _tasks(self, trial: Trial, scores: Scores, edits):
+        """lm-eval task scores of the perturbed model, for a trial the spec selects (not one stopped early).
+        A trial that changed nothing has the baseline's scores, without scoring them again."""
+        if self.tasks is None or scores.tokens != self.baseline.tokens:
+            return None
+        if not (trial.tasks or self.spec.eval.selection[0] == "all"):
+            return None
+        return self.tasks.score() if edits.touches() else self.baseline_tasks
 
     def _rung_check(self, trial: Trial) -> RungCheck | None:
         if self.spec.early_stop is None:

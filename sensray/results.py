@@ -34,6 +34,13 @@ FIRST_COLUMNS = ("trial_id", "kind", "sample", "target")
 PROVENANCE = ("tensor", "index", "flipped_bit", "old", "new", "elements_changed", "changes", "bit_counts", "tensors")
 LAST_COLUMNS = ("ppl", "nll", "delta_ppl", "kl", "top1_agreement", "nonfinite", "seq_nll", "seconds", "replica",
                 "error")
+TASK_SECONDS = "task_seconds"  # lm-eval's share of `seconds` (sensray.tasks)
+
+
+def is_task_column(name: str) -> bool:
+    """An lm-eval task score (`<task>/<metric>`, its `_stderr`, `<task>/n`) or its time: an outcome like
+    the metrics, never a parameter (parameter names hold no '/')."""
+    return "/" in name or name == TASK_SECONDS
 
 
 def new_run_id() -> str:
@@ -195,9 +202,10 @@ def to_frame(rows: list[dict[str, Any]]):
     for row in rows:
         names.update(dict.fromkeys(row))
     fixed = set(FIRST_COLUMNS) | set(PROVENANCE) | set(LAST_COLUMNS)
-    middle = [n for n in names if n not in fixed]
+    middle = [n for n in names if n not in fixed and not is_task_column(n)]
     provenance = [n for n in PROVENANCE if n in names]  # absent in tables written before provenance existed
-    order = [*FIRST_COLUMNS, *middle, *provenance, *LAST_COLUMNS]
+    tasks = [n for n in names if is_task_column(n)]  # lm-eval task scores, when the spec asked for them
+    order = [*FIRST_COLUMNS, *middle, *provenance, *tasks, *LAST_COLUMNS]
     schema = {name: dtype for name, dtype in column_types().items() if name in order}
     columns = {n: [row.get(n) for row in rows] for n in order}
     return pl.DataFrame(columns, schema_overrides=schema, strict=False)

@@ -236,6 +236,8 @@ class Trial:
     # Early stopping only (sensray.early_stop): per rung, the score below which this trial stops
     # (None: no bound yet). Not part of the trial's identity or its row's config.
     bounds: tuple[float | None, ...] | None = field(default=None, compare=False)
+    # lm-eval tasks (sensray.tasks.selection): the driver marks the trials that score them.
+    tasks: bool = field(default=False, compare=False)
 
     def config(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "kind": self.kind, "sample": self.sample, **self.params}

@@ -143,6 +143,61 @@ class SearchSpec(Frozen):
         return algorithm
 
 
+class EvalSpec(Frozen):
+    """lm-evaluation-harness tasks scored on the perturbed model (sensray/tasks/), for chosen trials.
+
+    Which trials: `on: all` (the default), `every: N` (plan positions 0, N, 2N, ...), or `top_k: N`
+    (after the sweep, the N most damaging by `metric` are applied again and scored).
+    """
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names: sensray's shipped ones "
+                             "(sensray-pydoc-choice, sensray-pydoc-ppl) or any that lm-eval knows")
+    on: Optional[Literal["all"]] = Field(None, description="'all': every trial scores the tasks")
+    every: Optional[int] = Field(None, ge=1, description="score every N-th trial of the plan (0, N, 2N, ...)")
+    top_k: Optional[int] = Field(None, ge=1, description="after the sweep, score the N most damaging trials")
+    metric: Literal["delta_ppl", "ppl", "nll", "kl", "top1_agreement"] = Field(
+        "delta_ppl", description="what ranks damage for top_k (top1_agreement: lowest first)")
+    limit: Optional[int] = Field(None, ge=1, description="score at most N documents per task")
+    batch_size: int = Field(8, ge=1, description="lm-eval's batch size (requests per forward pass)")
+    bootstrap_iters: int = Field(1000, ge=0, description="lm-eval's bootstrap for stderrs that have no formula; "
+                                 "0: no stderrs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_on(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted key `on` as the boolean true: give `on: all` its name back.
+        if isinstance(data, dict) and any(key is True for key in data) and "on" not in data:
+            return {("on" if key is True else key): value for key, value in data.items()}
+        return data
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, tasks: list[str]) -> list[str]:
+        for name in tasks:
+            if not re.fullmatch(r"[\w.()\-]+", name):  # a name, never a path (a task file could run code)
+                raise ValueError(f"{name!r} is not a task name (letters, digits, '_', '.', '-', '()'; one name "
+                                 "per item)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"a task is listed twice: {sorted(t for t in set(tasks) if tasks.count(t) > 1)}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> "EvalSpec":
+        given = [key for key in ("on", "every", "top_k") if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of on: all, every: N, top_k: N (got {' and '.join(given)})")
+        return self
+
+    @property
+    def selection(self) -> tuple[str, int | None]:
+        """('all', None), ('every', N) or ('top_k', N)."""
+        if self.every is not None:
+            return "every", self.every
+        if self.top_k is not None:
+            return "top_k", self.top_k
+        return "all", None
+
+
 class ExperimentSpec(Frozen):
     name: str = Field(max_length=MAX_NAME)
     description: str = ""
@@ -157,6 +212,7 @@ class ExperimentSpec(Frozen):
     reuse: ReuseSpec = ReuseSpec()
     early_stop: Optional[EarlyStopSpec] = None
     search: Optional[SearchSpec] = None
+    eval: Optional[EvalSpec] = None
 
     @field_validator("name")
     @classmethod
@@ -183,6 +239,9 @@ class ExperimentSpec(Frozen):
         if self.seed + trials > MAX_SEED + 1:  # trial n gets seed + n when the space leaves `seed` open
             raise ValueError(f"seed {self.seed} + {trials} trials passes {MAX_SEED} (2^63 - 1), the largest seed "
                              "a generator takes; use a smaller seed")
+        if self.eval is not None and self.eval.every is not None and self.search is not None:
+            raise ValueError("eval.every needs a fixed plan; a search proposes its trials as it goes "
+                             "(use eval.on: all or eval.top_k)")
         return self
 
     def resolved(self) -> dict[str, Any]:

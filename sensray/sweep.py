@@ -185,6 +185,10 @@ def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | Non
               f"{spec.model.name} [{spec.model.dtype}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
               f"on {baseline['tokens']} tokens", file=sys.stderr)
         run.write_baseline(baseline)
+        if spec.eval is not None and spec.eval.every is not None:
+            from sensray.tasks.selection import marked
+
+            todo = marked(todo, plan.trials, spec.eval.every)
         if spec.early_stop is not None:
             todo = _early_stopping(spec, todo, baseline, run.rows())
         progress = Progress(total=total, done=total - len(todo))
@@ -202,6 +206,11 @@ def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | Non
                 progress.update(failed=row["error"] is not None)
 
             executor.run(todo, on_row)
+            if spec.eval is not None and spec.eval.top_k is not None:
+                # A list, not the feed: a search must not learn from the re-runs (on_row tells `todo`).
+                todo, k = _top_k_phase(plan, run.rows())
+                progress = Progress(total=k, done=k - len(todo))
+                executor.run(todo, on_row)
         after = executor.checksums()
     finally:
         executor.close()
@@ -214,6 +223,18 @@ def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | Non
         print(_savings_line(rows, baseline["tokens"]), file=sys.stderr)
     print(run.path)
     return 0
+
+
+def _top_k_phase(plan: Plan, rows: list[dict]):
+    """The top-k trials by damage still without lm-eval task scores (sensray.tasks.selection), marked."""
+    from sensray.perturbations import PERTURBATIONS
+    from sensray.tasks.selection import second_phase
+
+    spec = plan.spec
+    todo, k = second_phase(rows, spec.eval, plan.trials, PERTURBATIONS.get(spec.perturbation))
+    print(f"lm-eval tasks: the {k} most damaging trials by {spec.eval.metric} again, with {', '.join(spec.eval.tasks)}"
+          f" ({len(todo)} to run)", file=sys.stderr)
+    return todo, k
 
 
 def _early_stopping(spec, todo, baseline: dict, done_rows: list[dict]):
@@ -302,7 +323,15 @@ def describe(plan: Plan) -> str:
         f"[{spec.model.dtype}] (num_samples {spec.num_samples}, seed {spec.seed})\n"
         f"  targets: {shown}\n"
         f"  parameters: {', '.join(plan.trials[0].params) if plan.trials else '-'}"
-    )
+    ) + (_describe_eval(spec) if spec.eval is not None else "")
+
+
+def _describe_eval(spec: ExperimentSpec) -> str:
+    how, n = spec.eval.selection
+    which = {"all": "every trial", "every": f"every {n}th trial of the plan",
+             "top_k": f"the top {n} trials by {spec.eval.metric}, applied again after the sweep"}[how]
+    limit = f", at most {spec.eval.limit} documents each" if spec.eval.limit else ""
+    return f"\n  lm-eval tasks: {', '.join(spec.eval.tasks)} on {which}{limit}"
 
 
 def _list_models() -> int:

@@ -107,7 +107,8 @@ EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml")
 # The 7B ones are planned in test_cluster_yaml.py and test_superweights.py (their configs are on the Hub).
 TINY_TRIALS = {"ablation-blocks.yaml": 8, "ablation.yaml": 8 * 7 * 2, "bitflip-random.yaml": 40,
                "bitflip.yaml": 8 * 4 * 8, "noise.yaml": 7 * 5 * 3, "worst-noise.yaml": 8 * 7 * 3,
-               "prune.yaml": 40, "prune-nm.yaml": 6, "prune-layers.yaml": 8 * 7, "prune-sensitivity.yaml": 12}
+               "prune.yaml": 40, "prune-nm.yaml": 6, "prune-layers.yaml": 8 * 7, "prune-sensitivity.yaml": 12,
+               "ablation-tasks.yaml": 8 * 7 * 2, "evaluate.yaml": 1}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)

@@ -69,7 +69,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _one(run, args: argparse.Namespace, formats: tuple[str, ...], log: "Progress") -> int:
-    from sensray.analyze.render import text_table
+    from sensray.analyze import tasks
+    from sensray.analyze.render import Table, text_table
     from sensray.analyze.report import analyse, timing, write
 
     log("aggregating")
@@ -88,13 +89,15 @@ def _one(run, args: argparse.Namespace, formats: tuple[str, ...], log: "Progress
 
         matplotlib.use("Agg")  # no display needed, none opened
         out = Path(args.out) if args.out else run.path / "analysis"
-        written = write(analysis, out, formats, log)
+        written = write(analysis, out, formats, log) + tasks.report(run, out, formats, args.top)  # + lm-eval tasks
         print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+    else:
+        tasks.report(run, None, formats, args.top)
     return 0
 
 
 def _compare(runs, args: argparse.Namespace, formats: tuple[str, ...], log: "Progress") -> int:
-    from sensray.analyze import compare
+    from sensray.analyze import compare, tasks
     from sensray.analyze.render import text_table
 
     names = compare.labels(runs)
@@ -113,7 +116,10 @@ def _compare(runs, args: argparse.Namespace, formats: tuple[str, ...], log: "Pro
     print(f"\n{len(table)} conditions in common (joined on {', '.join(compare.join_keys(runs))}); "
           f"largest differences first:\n" + text_table(compare.display(table, names, args.top)))
     if not args.no_write:
+        written += tasks.report_compare(runs, names, out)  # lm-eval task metrics side by side, if any
         print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(p.name for p in written))
+    else:
+        tasks.report_compare(runs, names, None)
     return 0
 
 

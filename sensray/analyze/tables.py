@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import polars as pl
 
 from sensray.changes import describe
-from sensray.results import FIRST_COLUMNS, LAST_COLUMNS, PROVENANCE
+from sensray.results import FIRST_COLUMNS, LAST_COLUMNS, PROVENANCE, is_task_column
 
 if TYPE_CHECKING:
     from sensray.analyze.stats import Sequences
@@ -94,7 +94,7 @@ def annotate(trials: pl.DataFrame) -> pl.DataFrame:
 def parameters(trials: pl.DataFrame) -> list[str]:
     """The perturbation's parameter columns (everything between the ids and what the trial changed)."""
     fixed = set(FIRST_COLUMNS) | set(PROVENANCE) | set(LAST_COLUMNS) | set(DERIVED)
-    return [c for c in trials.columns if c not in fixed]
+    return [c for c in trials.columns if c not in fixed and not is_task_column(c)]
 
 
 def conditions(trials: pl.DataFrame) -> list[str]:
