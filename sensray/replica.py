@@ -23,6 +23,7 @@ from sensray.metrics import Scores, evaluate, reference
 from sensray.models import load_model, load_tokenizer, pick_device, resolve_name
 from sensray.perturbations import PERTURBATIONS
 from sensray.prefix import PrefixCache, default_budget
+from sensray.quantized.storage import parameter_count
 from sensray.results import PROVENANCE
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
@@ -42,6 +43,7 @@ class Baseline:
     nll: float
     ppl: float
     checksum_at_load: str
+    quantization: str = "none"  # how the weights are stored (model.quantization and its settings)
 
 
 class Replica:
@@ -70,12 +72,13 @@ class Replica:
             source=resolve_name(spec.model.name),
             dtype=spec.model.dtype,
             device=str(self.device),
-            parameters=sum(p.numel() for p in self.model.parameters()),
+            parameters=parameter_count(self.model),
             tokens=scores.tokens,
             sequences=sum(len(b) for b in self.batches),
             nll=scores.nll,
             ppl=scores.ppl,
             checksum_at_load=weights_checksum(self.model),
+            quantization=spec.model.storage if spec.model.quantization != "none" else "none",
         )
 
     def run_trial(self, trial: Trial) -> dict:
