@@ -95,6 +95,7 @@ paths tried.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -144,18 +145,41 @@ class TensorRef:
     # For fused q/k/v: maps the parameter's tensor to the view holding this
     # component's rows.  None = the whole parameter.
     select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # A quantized weight's statistic ("scale", "scale2", ...: sensray/quantized/storage.py), stored
+    # beside the parameter `param` (whose own data are the codes).  None = the parameter itself.
+    part: str | None = None
 
     def resolve(self, model: nn.Module) -> torch.Tensor:
-        """The live tensor (``param.data`` or a view of it); never a copy.
+        """The live tensor (``param.data``, a view of it, or a quantization buffer); never a copy.
 
         In-place edits of the result edit the model.
         """
-        data = model.get_parameter(self.param).data
+        if self.part is not None:
+            from sensray.quantized.storage import part_tensor
+
+            return part_tensor(model.get_submodule(self.param.rsplit(".", 1)[0]), self.part)
+        data = parameter(model, self.param).data
         return data if self.select is None else self.select(data)
 
     @property
     def whole(self) -> bool:
         return self.select is None
+
+
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[nn.Module, str]]]" = weakref.WeakKeyDictionary()
+
+
+def parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """``model.get_parameter(name)``, with the owning module remembered per model: plans resolve the same
+    names thousands of times and ``get_submodule`` walks the tree each time. The parameter itself is read
+    from its module on every call, so a module's parameters can still be swapped."""
+    owners = _OWNERS.setdefault(model, {})
+    if name not in owners:
+        path, _, local = name.rpartition(".")
+        owners[name] = (model.get_submodule(path) if path else model, local)
+    module, local = owners[name]
+    found = module._parameters.get(local)
+    return found if found is not None else model.get_parameter(name)  # not a plain parameter: HF's own error
 
 
 @dataclass(frozen=True)
@@ -550,11 +574,13 @@ def num_blocks(model: nn.Module) -> int:
 
 
 def _leaf(model: nn.Module, name: str, module: str, layer: int | None, kind: str) -> Component:
-    refs = tuple(
-        TensorRef(f"{name}.{local}", _join(module, local))
-        for local, _ in model.get_submodule(module).named_parameters()
-    )
-    return Component(name, module, refs, layer, kind)
+    from sensray.quantized.storage import parts
+
+    mod = model.get_submodule(module)
+    refs = tuple(TensorRef(f"{name}.{local}", _join(module, local)) for local, _ in mod.named_parameters())
+    # A quantized Linear (bitsandbytes) also stores its weight's statistics: weight.scale, ...
+    stats = tuple(TensorRef(f"{name}.weight.{part}", _join(module, "weight"), part=part) for part in parts(mod))
+    return Component(name, module, refs + stats, layer, kind)
 
 
 def _fused_views(model: nn.Module, adapter: Adapter, qkv: Component) -> list[Component]:
@@ -619,20 +645,21 @@ def _block(model: nn.Module, adapter: Adapter, i: int, block_path: str) -> list[
             leaves.extend(_fused_views(model, adapter, comp))
     leaves = _ordered(leaves, _BLOCK_ORDER)
 
-    # Whole canonical tensors by parameter name.  Views are excluded, so a
-    # fused block lists attn.qkv.weight once instead of three overlapping views.
-    covering: dict[str, tuple[int, TensorRef]] = {}
+    # Whole canonical tensors by parameter name (with a quantized weight's statistics, which share
+    # its name).  Views are excluded, so a fused block lists attn.qkv.weight once instead of three
+    # overlapping views.
+    covering: dict[str, list[tuple[int, TensorRef]]] = {}
     for rank, comp in enumerate(leaves):
         for ref in comp.tensors:
             if ref.whole:
-                covering[ref.param] = (rank, ref)
+                covering.setdefault(ref.param, []).append((rank, ref))
 
     def composite(name: str, kind: str, module: str) -> Component:
         hits, raw = [], []
         for local, _ in model.get_submodule(module).named_parameters():
             param = _join(module, local)
             if param in covering:
-                hits.append(covering[param])
+                hits.extend(covering[param])
             else:
                 raw.append(TensorRef(f"{name}.{local}", param))
         # Leaf order first (so blocks.3 reads norm1, attn.q, ...), then raw.

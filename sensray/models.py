@@ -86,12 +86,14 @@ def meta_model(spec: ModelSpec) -> nn.Module:
     """The model's structure with no weights (meta device): resolves targets without loading anything."""
     from transformers import AutoModelForCausalLM
 
+    from sensray.quantized.loading import quantize_meta
+
     config = load_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
         )
-    return model.eval()
+    return quantize_meta(model, spec).eval()  # a quantized spec: the bitsandbytes modules loading builds
 
 
 def pick_device(spec: ModelSpec) -> torch.device:
@@ -102,20 +104,31 @@ def pick_device(spec: ModelSpec) -> torch.device:
     return torch.device(spec.device)
 
 
-def load_model(spec: ModelSpec, device: torch.device | None = None) -> nn.Module:
-    """Load weights once, in eval mode, on one device."""
+def load_model(spec: ModelSpec, device: torch.device | None = None, device_map: str | None = None) -> nn.Module:
+    """Load weights once, in eval mode, on one device (or spread over a node's GPUs: device_map="auto").
+
+    A quantized spec loads through transformers' BitsAndBytesConfig, quantizing as the weights are
+    placed (`device_map`), then sensray.quantized.loading.prepare settles where its bits live."""
     from transformers import AutoModelForCausalLM
 
+    from sensray.quantized.loading import check_device, config, prepare
+
     device = device or pick_device(spec)
+    quantization = config(spec)
+    if quantization is not None:
+        check_device(spec, device)
+        device_map = device_map or {"": str(device)}  # a bitsandbytes model is quantized where it is placed
     source = resolve_name(spec.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[spec.dtype], weights_only=True, **_hub_kwargs(spec)
+            source, dtype=DTYPES[spec.dtype], weights_only=True, quantization_config=quantization,
+            device_map=device_map, **_hub_kwargs(spec)
         )
     except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as err:  # a .bin holding more than
         # tensors; a truncated or corrupt .safetensors
         raise SensrayError(f"model.name: cannot load {spec.name!r} ({source}): {_first_line(err)}") from None
-    return model.to(device).eval()
+    model = model if device_map is not None else model.to(device)
+    return prepare(model).eval()
 
 
 def context_length(config) -> tuple[str, int] | None:

@@ -17,6 +17,7 @@ from sensray.architectures import UnsupportedArchitecture, adapter_for
 from sensray.errors import SpecError, shorten
 from sensray.models import context_length, meta_model
 from sensray.perturbations import PERTURBATIONS, ParamError
+from sensray.perturbations.base import NotApplicable
 from sensray.space import Trial, expand, parse_space
 from sensray.spec import ExperimentSpec
 from sensray.targets import TargetError, each
@@ -28,10 +29,14 @@ MAX_TRIALS = 1_000_000  # the default limit on a sweep's size (sweep --max-trial
 class Plan:
     spec: ExperimentSpec
     trials: list[Trial]
+    left_out: tuple[str, ...] = ()  # why each trial the model's format cannot express was left out
 
 
-def make_plan(spec: ExperimentSpec, model: nn.Module | None = None, max_trials: int = MAX_TRIALS) -> Plan:
-    """Expand the space and validate every trial against `model` (default: the spec's meta model)."""
+def make_plan(spec: ExperimentSpec, model: nn.Module | None = None, max_trials: int = MAX_TRIALS,
+              skip_not_applicable: bool = False) -> Plan:
+    """Expand the space and validate every trial against `model` (default: the spec's meta model).
+    A trial this model's storage format cannot express (`NotApplicable`) is an error, or, for one
+    format of a format study (`skip_not_applicable`), left out of the plan."""
     model = model if model is not None else meta_model(spec.model)
     try:
         adapter_for(model.config)
@@ -60,17 +65,32 @@ def make_plan(spec: ExperimentSpec, model: nn.Module | None = None, max_trials: 
     auto_seed = "seed" in kind.Params.model_fields and "seed" not in domains
     trials = expand(domains, spec.perturbation, spec.num_samples, spec.seed, components, auto_seed, canonical,
                     max_trials)
-    checked: dict[str, None] = {}
+    checked: dict[str, str | None] = {}  # params -> why not applicable (None: fine)
+    kept, left_out = [], []
     for trial in trials:
         try:
             params = kind.parse(trial.params)
             key = params.model_dump_json()
             if key not in checked:  # many trials differ only in seed: check each distinct shape once
-                kind.check(model, params)
-                checked[key] = None
+                checked[key] = _not_applicable(kind, model, params, skip_not_applicable)
         except ParamError as err:
             raise _param_error(err, trial.params) from None
-    return Plan(spec, trials)
+        if checked[key] is None:
+            kept.append(trial)
+        else:
+            left_out.append(checked[key])
+    return Plan(spec, kept if left_out else trials, tuple(left_out))
+
+
+def _not_applicable(kind, model: nn.Module, params, skip: bool) -> str | None:
+    """Check one trial's parameters; why the format cannot express it when that is to be skipped."""
+    try:
+        kind.check(model, params)
+    except NotApplicable as err:
+        if skip:
+            return str(err)
+        raise
+    return None
 
 
 def canonical_params(kind, params: dict[str, Any]) -> dict[str, Any]:

@@ -52,8 +52,8 @@ def block_positions(model: nn.Module) -> tuple[dict[int, int], dict[int, int]]:
 
     for comp in components(model).values():
         position = comp.layer if comp.layer is not None else (n if comp.kind in tail else 0)
-        for ref in comp.tensors:
-            note(model.get_parameter(ref.param), position)
+        for ref in comp.tensors:  # resolved: a quantized weight's statistics are storage of their own
+            note(ref.resolve(model), position)
     for i, block in enumerate(blocks):  # parameters no canonical component names (raw HF ones)
         for param in block.parameters():
             note(param, i)

@@ -10,7 +10,8 @@ dry run passes cannot fail a real run later for a reason that was knowable up fr
   early-stopping rungs fall on distinct batches of it (when the replicas run on this machine);
 - the model directory has its weights, and every safetensors header reads and covers its file
   (a truncated copy fails here, not in each replica);
-- the device asked for exists (`cuda` on a machine without one), when the replicas run here;
+- the device asked for exists (`cuda` on a machine without one), and the installed bitsandbytes can
+  run a quantized model's format on it, when the replicas run here;
 - the output directory can be created, without creating anything: its nearest existing parent is
   a writable directory and the new names fit the filesystem;
 - lm-eval tasks (`eval:`): lm-eval is installed, every name is a task it (or sensray) knows, each
@@ -39,7 +40,9 @@ def preflight(spec: ExperimentSpec, replicas_here: bool, run: Path | None = None
     # On a cluster (--address) the replicas' nodes, not the driver's, hold the GPUs and the corpus (in
     # their caches): the replicas check those, and their errors cross Ray as the same one line.
     if replicas_here:
-        pick_device(spec.model)
+        from sensray.quantized.loading import check_device
+
+        check_device(spec.model, pick_device(spec.model))  # bitsandbytes can run the quantization there
         check_data(spec)
     check_weights(spec.model)
     if spec.eval is not None:  # names, output types; where the replicas run here, their data too

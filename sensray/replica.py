@@ -24,6 +24,7 @@ from sensray.metrics import Scores, evaluate, reference
 from sensray.models import load_model, load_tokenizer, pick_device, resolve_name
 from sensray.perturbations import PERTURBATIONS
 from sensray.prefix import PrefixCache, default_budget
+from sensray.quantized.storage import parameter_count
 from sensray.results import PROVENANCE, TASK_SECONDS
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
@@ -46,6 +47,7 @@ class Baseline:
     vocab_size: int | None = None  # a uniform guess over it scores ppl = vocab_size: the damage ceiling
     seq_nll: tuple[float, ...] | None = None  # per eval sequence, for bootstrap intervals (metrics.Scores)
     tasks: dict | None = None  # lm-eval task scores of the unperturbed model (spec `eval:`)
+    quantization: str = "none"  # how the weights are stored (model.quantization and its settings)
 
 
 class Replica:
@@ -75,7 +77,7 @@ class Replica:
             source=resolve_name(spec.model.name),
             dtype=spec.model.dtype,
             device=str(self.device),
-            parameters=sum(p.numel() for p in self.model.parameters()),
+            parameters=parameter_count(self.model),
             tokens=scores.tokens,
             sequences=sum(len(b) for b in self.batches),
             nll=scores.nll,
@@ -83,6 +85,7 @@ class Replica:
             checksum_at_load=weights_checksum(self.model),
             vocab_size=self.reference.logits[0].shape[-1],
             seq_nll=scores.seq_nll,
+            quantization=spec.model.storage if spec.model.quantization != "none" else "none",
         )
         self.tasks = self._task_scorer(tokenizer) if spec.eval is not None else None
         if self.tasks is not None:

@@ -53,8 +53,9 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, spec: ExperimentSpec) -> "RunDir":
-        run = cls(Path(spec.output_dir) / spec.name / new_run_id())
+    def create(cls, spec: ExperimentSpec, path: Path | None = None) -> "RunDir":
+        """A new run directory: `output_dir/<name>/<run id>`, or `path` (a format study's format runs)."""
+        run = cls(Path(path) if path is not None else Path(spec.output_dir) / spec.name / new_run_id())
         try:
             run.path.mkdir(parents=True)
         except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path

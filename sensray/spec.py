@@ -22,7 +22,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from sensray import safe_yaml
 from sensray.errors import SpecError, shorten
@@ -44,12 +53,55 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+FOUR_BIT = ("nf4", "fp4")
+
+
 class ModelSpec(Frozen):
     name: str = Field("sensray-tiny", description="alias (see --list-models), HF id, or local directory")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
+        "none", description="bitsandbytes storage of the linear layers (int8: LLM.int8; nf4, fp4: 4-bit, QLoRA); "
+                            "embeddings, norms and the head stay in dtype")
+    compute_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(
+        None, description="4-bit: the dtype the dequantized matmul runs in (default: dtype)")
+    double_quant: Optional[bool] = Field(
+        None, description="4-bit: quantize the per-block scales again, 8 bits each (QLoRA's setting; default false, "
+                          "as in bitsandbytes)")
+    int8_threshold: Optional[float] = Field(
+        None, ge=0, description="int8: LLM.int8's activation outlier threshold (default 6.0; 0: no fp16 outlier path)")
+
+    @field_validator("compute_dtype", "double_quant")
+    @classmethod
+    def _four_bit_only(cls, value: Any, info: ValidationInfo) -> Any:
+        quantization = info.data.get("quantization")
+        if value is not None and quantization not in FOUR_BIT:
+            raise ValueError(f"{info.field_name} is a 4-bit setting (quantization nf4 or fp4); quantization is "
+                             f"{quantization!r}")
+        return value
+
+    @field_validator("int8_threshold")
+    @classmethod
+    def _int8_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("quantization") != "int8":
+            raise ValueError(f"int8_threshold is an int8 setting; quantization is {info.data.get('quantization')!r}")
+        return value
+
+    @property
+    def storage(self) -> str:
+        """How the weights are stored, in a few words: `float32`, `nf4, double quant, float32 elsewhere`."""
+        from sensray.quantized.loading import describe
+
+        return describe(self)
+
+
+# A format of a format study: any ModelSpec keys, each optional (they override the study's `model`).
+ModelOverride = create_model(
+    "ModelOverride", __base__=Frozen,
+    **{key: (Optional[field.annotation], None) for key, field in ModelSpec.model_fields.items()},
+)
 
 
 class DataSpec(Frozen):
@@ -213,6 +265,9 @@ class ExperimentSpec(Frozen):
     early_stop: Optional[EarlyStopSpec] = None
     search: Optional[SearchSpec] = None
     eval: Optional[EvalSpec] = None
+    formats: Optional[dict[str, ModelOverride]] = Field(
+        None, description="a format study: one run per format (name -> model keys it changes), the same trials in "
+                          "each (sensray/formats.py)")
 
     @field_validator("name")
     @classmethod
@@ -233,6 +288,9 @@ class ExperimentSpec(Frozen):
 
     @model_validator(mode="after")
     def _search_or_samples(self) -> "ExperimentSpec":
+        if self.search is not None and self.formats is not None:
+            raise ValueError("formats: a format study runs the same trials in every format; an adaptive search "
+                             "would propose different ones (drop `search`, or run one format per spec)")
         if self.search is not None and self.num_samples != 1:
             raise ValueError("give search.num_trials or num_samples, not both (a search draws its own trials)")
         trials = self.search.num_trials if self.search is not None else self.num_samples
@@ -244,9 +302,36 @@ class ExperimentSpec(Frozen):
                              "(use eval.on: all or eval.top_k)")
         return self
 
+    @field_validator("formats")
+    @classmethod
+    def _format_names(cls, formats: Optional[dict]) -> Optional[dict]:
+        if formats is None:
+            return None
+        if len(formats) < 2:
+            raise ValueError("a format study compares two or more formats")
+        for name in formats:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name == "analysis":
+                raise ValueError(f"format name {name!r}: a slug of letters, digits, '_', '-' (it names the format's "
+                                 "run directory; 'analysis' is taken)")
+        return formats
+
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in, as plain data (what a run directory records)."""
         return self.model_dump(mode="json")
+
+    def format_specs(self) -> dict[str, "ExperimentSpec"]:
+        """A format study's formats, each as the spec of its own run (the study's model with the format's
+        keys; named `<study>.<format>`); errors name `formats.<format>.<key>`."""
+        out = {}
+        for name, override in (self.formats or {}).items():
+            keys = self.model.model_dump() | override.model_dump(exclude_none=True)
+            try:
+                model = ModelSpec.model_validate(keys)
+            except ValidationError as err:
+                first = err.errors()[0]
+                raise SpecError(key_path(("formats", name, *first["loc"])), describe(first)) from None
+            out[name] = self.model_copy(update={"model": model, "formats": None, "name": f"{self.name}.{name}"})
+        return out
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), model: type[Frozen] | None = None) -> ExperimentSpec:
@@ -290,10 +375,13 @@ def parse_spec(text: str, overrides: list[str] = (), model: type[Frozen] | None 
 def validate(raw: dict[str, Any], model: type[Frozen] | None = None) -> ExperimentSpec:
     """`raw` as a frozen `model` (default ExperimentSpec; sensray.adversarial passes its own spec model)."""
     try:
-        return (model or ExperimentSpec).model_validate(raw)
+        spec = (model or ExperimentSpec).model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         raise SpecError(key_path(first["loc"]), describe(first)) from None
+    if isinstance(spec, ExperimentSpec):
+        spec.format_specs()  # each format's model must be valid too
+    return spec
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

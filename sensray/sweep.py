@@ -73,10 +73,13 @@ class Interrupted:
 
     def __init__(self) -> None:
         self.run: Path | None = None
+        self.study = False  # a format study's directory: a run directory per format
 
     def __call__(self) -> str:
         if self.run is None:
             return "nothing was written (the sweep stopped before its run directory existed)"
+        if self.study:
+            return f"finished formats and trials are in {self.run}; finish with --resume {self.run}"
         return f"finished trials are in {self.run / 'trials.jsonl'}; finish with --resume {self.run}"
 
 
@@ -103,6 +106,11 @@ def _dispatch(args: argparse.Namespace, interrupted: Interrupted) -> int:
     spec, source = _spec(args, run)
     with _attributed(source):
         check_permissions(spec, args.trust_remote_code, args.allow_searcher_import)
+        if spec.formats is not None:  # a format study: one run per format (sensray/formats.py)
+            from sensray.formats import run_study
+
+            interrupted.run, interrupted.study = (run.path if run is not None else None), True
+            return run_study(spec, run, args, interrupted, options)
         plan = make_plan(spec, max_trials=args.max_trials)
         if run is not None and run.table.is_file():  # finished: say so, run nothing, change nothing
             print(describe(plan) + f"\n  resume: {run.path} is finished ({len(run.rows())} trials in its "
@@ -182,7 +190,7 @@ def _run(plan: Plan, run_dir, executor_name: str, interrupted: Interrupted | Non
         run = run_dir or RunDir.create(spec)
         interrupted.run = run.path
         print(f"{spec.name}: {total} trials ({len(todo)} to run) of {spec.perturbation} on "
-              f"{spec.model.name} [{spec.model.dtype}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
+              f"{spec.model.name} [{spec.model.storage}, {baseline['device']}], baseline ppl {baseline['ppl']:.3f} "
               f"on {baseline['tokens']} tokens", file=sys.stderr)
         run.write_baseline(baseline)
         if spec.eval is not None and spec.eval.every is not None:
@@ -320,7 +328,7 @@ def describe(plan: Plan) -> str:
         f"({spec.search.mode} {spec.search.metric}),")
     return (
         f"{spec.name}: {count} of {spec.perturbation} on {spec.model.name} "
-        f"[{spec.model.dtype}] (num_samples {spec.num_samples}, seed {spec.seed})\n"
+        f"[{spec.model.storage}] (num_samples {spec.num_samples}, seed {spec.seed})\n"
         f"  targets: {shown}\n"
         f"  parameters: {', '.join(plan.trials[0].params) if plan.trials else '-'}"
     ) + (_describe_eval(spec) if spec.eval is not None else "")

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from torch import nn
 
-from sensray.architectures import Component, TensorRef, components
+from sensray.architectures import Component, TensorRef, components, parameter
 
 
 class TargetError(ValueError):
@@ -139,12 +139,13 @@ def _raw(model: nn.Module, pattern: str) -> list[TensorRef]:
 
 
 def _dedupe(model: nn.Module, refs: list[TensorRef]) -> list[TensorRef]:
-    """Each storage once: tied weights share a Parameter; a view of a wholly selected param is redundant."""
-    whole = {id(model.get_parameter(r.param)) for r in refs if r.whole}
+    """Each storage once: tied weights share a Parameter; a view of a wholly selected param is redundant;
+    a quantized weight's statistics (`part`) are storage of their own."""
+    whole = {id(parameter(model, r.param)) for r in refs if r.whole and r.part is None}
     seen, out = set(), []
     for ref in refs:
-        param = id(model.get_parameter(ref.param))
-        key = (param, None if ref.whole else ref.name)
+        param = id(parameter(model, ref.param))
+        key = (param, None if ref.whole else ref.name, ref.part)
         if key in seen or (not ref.whole and param in whole):
             continue
         seen.add(key)

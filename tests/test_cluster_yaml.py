@@ -72,10 +72,12 @@ def test_every_prefetched_experiment_exists_and_asks_for_a_gpu():
     paths = sorted((REPO / "experiments").glob("llama2-7b-*.yaml")) + sorted(
         (REPO / "experiments").glob("mistral-7b-*.yaml"))
     kinds = {load_spec(p).perturbation for p in paths}
-    assert kinds == {"bitflip", "ablation", "noise"} and len(paths) == 6
+    assert kinds == {"bitflip", "ablation", "noise"} and len(paths) == 10
     for path in paths:
         spec = load_spec(path)
-        assert spec.model.dtype == "bfloat16" and spec.resources.gpus == 1, path.name
+        assert spec.model.dtype == "bfloat16", path.name
+        # A replica's share of a GPU follows its weights: one per 24 GB GPU in bf16, two in int8, four in nf4.
+        assert spec.resources.gpus == {"none": 1, "int8": 0.5, "nf4": 0.25}[spec.model.quantization], path.name
 
 
 SEVEN_B = {
@@ -84,16 +86,19 @@ SEVEN_B = {
     "mistral-7b": dict(family="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
 }
-TRIALS = {"bitflip": 32 * 16 * 4, "ablation": 32 * 3, "noise": 7 * 7 * 3}
+TRIALS = {"bitflip": 32 * 16 * 4, "ablation": 32 * 3, "noise": 7 * 7 * 3, "bitflip-int8": 32 * 4 * 4,
+          "bitflip-nf4": 32 * 4 * 4}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*-7b-*.yaml")), ids=lambda p: p.name)
 def test_seven_b_experiments_plan_against_the_models_structure(path):
-    """The dry run needs the config from the Hub; build the same structure offline (meta device)."""
+    """The dry run needs the config from the Hub; build the same structure offline (meta device), quantized
+    as the spec asks (bitsandbytes modules, as loading builds them)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from sensray.plan import make_plan
+    from sensray.quantized.loading import quantize_meta
     from sensray.spec import load_spec
     from sensray.testing import tiny_config
 
@@ -101,10 +106,10 @@ def test_seven_b_experiments_plan_against_the_models_structure(path):
     shape = dict(SEVEN_B[spec.model.name])
     config = tiny_config(shape.pop("family"), **shape, max_position_embeddings=4096)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = quantize_meta(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), spec.model)
     assert sum(p.numel() for p in model.parameters()) > 6.5e9
     plan = make_plan(spec, model)
-    assert len(plan.trials) == TRIALS[spec.perturbation]
+    assert len(plan.trials) == TRIALS[path.stem.split("-7b-")[1]]
 
 
 def test_prefetch_resolves_specs_and_skips_local_checkpoints(tmp_path):

@@ -108,7 +108,9 @@ EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml")
 TINY_TRIALS = {"ablation-blocks.yaml": 8, "ablation.yaml": 8 * 7 * 2, "bitflip-random.yaml": 40,
                "bitflip.yaml": 8 * 4 * 8, "noise.yaml": 7 * 5 * 3, "worst-noise.yaml": 8 * 7 * 3,
                "prune.yaml": 40, "prune-nm.yaml": 6, "prune-layers.yaml": 8 * 7, "prune-sensitivity.yaml": 12,
-               "ablation-tasks.yaml": 8 * 7 * 2, "evaluate.yaml": 1}
+               "ablation-tasks.yaml": 8 * 7 * 2, "evaluate.yaml": 1,
+               "bitflip-int8.yaml": 8 * 4 * 8, "bitflip-nf4.yaml": 8 * 4 * 8,
+               "bitflip-formats.yaml": 3 * 2 * 48 + 2 * 3 * 48}  # a format study: no scale role in float formats
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
@@ -129,6 +131,12 @@ def test_every_shipped_tiny_experiment_plans(name, tmp_path):
         pl.DataFrame({"target": [f"blocks.{i}" for i in range(8)], "delta_ppl": [1 + i / 10 for i in range(8)],
                       "error": [None] * 8}, schema_overrides={"error": pl.String}).write_parquet(run / "trials.parquet")
         overrides = [f"space.run={run}"]
-    plan = make_plan(load_spec(REPO / "experiments" / name, overrides))  # against the meta model: no weights
-    assert len(plan.trials) == TINY_TRIALS[name]
-    assert len({t.trial_id for t in plan.trials}) == len(plan.trials)
+    spec = load_spec(REPO / "experiments" / name, overrides)
+    if spec.formats is not None:  # a format study: one plan per format, the same trial ids in each
+        from sensray.formats import plans
+
+        planned = list(plans(spec, 10_000).values())
+    else:
+        planned = [make_plan(spec)]  # against the meta model: no weights
+    assert sum(len(plan.trials) for plan in planned) == TINY_TRIALS[name]
+    assert all(len({t.trial_id for t in plan.trials}) == len(plan.trials) for plan in planned)

@@ -4,6 +4,7 @@
     python -m sensray.analyze results/bitflip/<run id> --threshold 10 --svg
     python -m sensray.analyze results/a/<run id> results/b/<run id>     # compare (the first is the reference)
     python -m sensray.analyze results/bitflip/<run id> --no-write       # the tables only, nothing written
+    python -m sensray.analyze results/bitflip-formats/<study id>        # a format study (analyze/formats.py)
 
 One run writes <run>/analysis/: report.md, report.html (self-contained), summary.json and the
 figures (PNG; SVG too with --svg). Several runs write <first run>/analysis/compare-<other run ids>/
@@ -57,6 +58,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if not args.threshold > 1:
         raise AnalysisError(f"--threshold: a multiple of the baseline perplexity above 1, got {args.threshold:g}")
+    from sensray.analyze import formats as format_study
+
+    if len(args.runs) == 1 and format_study.is_study(args.runs[0]):  # a format study: formats x bit roles
+        return format_study.main(Path(args.runs[0]), Path(args.out) if args.out else None, args.threshold,
+                                 args.svg, args.no_write)
     log = Progress()
     runs = []
     for i, path in enumerate(args.runs, 1):

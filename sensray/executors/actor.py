@@ -92,13 +92,9 @@ def load_sharded(model_spec):
     accelerate returns the logits to the input's device, so the Replica feeds batches to cuda:0
     and compares there, exactly as with one GPU.
     """
-    from transformers import AutoModelForCausalLM
+    import torch
 
-    from sensray.models import DTYPES, _hub_kwargs, resolve_name
+    from sensray.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_name(model_spec.name), dtype=DTYPES[model_spec.dtype], device_map="auto", weights_only=True,
-        **_hub_kwargs(model_spec),
-    )
-    return model.eval()
+    return load_model(model_spec, torch.device("cuda"), device_map="auto")  # quantized ones too
 

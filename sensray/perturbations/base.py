@@ -56,6 +56,11 @@ class ParamError(ValueError):
         super().__init__(message)
 
 
+class NotApplicable(ParamError):
+    """The trial asks for something this model's storage format does not have (a float32 weight has no
+    scale): an error in a sweep, a trial left out of that format's run in a format study."""
+
+
 class Params(BaseModel):
     """Base of each kind's parameters: frozen, unknown names rejected."""
 
@@ -69,6 +74,9 @@ class Perturbation:
     name: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type[Params]]
+    # What the kind does with quantized storage (sensray/quantized): None when it handles it, else why
+    # it refuses (said in the error). A kind that does not say refuses: never a silent float fallback.
+    quantized: ClassVar[str | None] = "it has not been taught what its change means on quantized storage"
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> Params:
@@ -96,9 +104,16 @@ class Perturbation:
     @classmethod
     def select(cls, model: nn.Module, params: Params) -> Selection:
         try:
-            return select(model, params.target)
+            selection = select(model, params.target)
         except TargetError as err:
             raise ParamError("target", str(err)) from None
+        _refuse_quantized(cls, model, params, selection)
+        return selection
+
+    @classmethod
+    def quantized_refusal(cls, params: Params) -> str | None:
+        """Why this trial cannot act on quantized storage (None: it can); a kind may decide per parameter."""
+        return cls.quantized
 
     @classmethod
     def check(cls, model: nn.Module, params: Params) -> Selection:
@@ -124,6 +139,23 @@ class Perturbation:
     def perturb(cls, model: nn.Module, params: Params, edits: Edits) -> None:
         """Change weights in place, handing each tensor or element to `edits` before writing it."""
         raise NotImplementedError
+
+
+def _refuse_quantized(kind: type[Perturbation], model: nn.Module, params: Params, selection: Selection) -> None:
+    from sensray.quantized.elements import elements_of, is_quantized
+
+    quantized = [ref for ref in selection.tensors if is_quantized(model, ref)]
+    if not quantized:
+        return
+    view = next((ref for ref in quantized if not ref.whole), None)
+    if view is not None:
+        raise ParamError("target", f"{view.name} is a slice of a fused, quantized weight, whose codes and scales "
+                                   f"cover q, k and v together; target the fused weight (attn.qkv) instead")
+    reason = kind.quantized_refusal(params)
+    if reason is not None:
+        fmt = elements_of(model, quantized[0]).format
+        raise ParamError("target", f"{kind.name} cannot act on {quantized[0].name}, stored as {fmt} codes or their "
+                                   f"statistics: {reason}")
 
 
 def _unusable_number(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
     edits = Edits()                                          # exists before the first write
     raw, index = edits.elements(tensor, name, flat)          # saves those elements' bits, then you write
+    raw, index = edits.elements(storage, name, units, decoder)   # packed / quantized storage (see below)
     live = edits.tensor(tensor, name)                        # saves a copy of the tensor, then you write
     edits.hook(block, name, block.register_forward_hook(...))
     edits.provenance()                                       # the row's description of every change
@@ -16,13 +17,22 @@ it overwrites wholesale), so a replica can run thousands of trials on one loaded
 holds both the originals and the live storage, it is also the one place that knows exactly what a
 trial did: `provenance()` reads the new values back (cheap: the saved elements, or one pass over
 each saved tensor) and describes them, the same way for every kind.
+
+Quantized storage (sensray/quantized) is saved the same way, as raw storage units (int8 codes,
+bytes holding two 4-bit codes, float32 scales), so restore and verify compare raw bytes. What the
+units *mean* comes from a `decoder` handed in with them: it maps units to the weight elements they
+hold (`elements(units, raw) -> (element indices, codes)`), gives the elements' logical `shape`, and
+dequantizes (`values(elements, codes, read)`, `codes(storage)`, `dequantize(storage, read)`; `read`
+gives a statistic tensor as it was before the trial or as it is now). So a row records the weight
+element, the code bit, the raw code old -> new and the dequantized weight old -> new, through the
+same mechanism as a float flip.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,8 +67,9 @@ def unsigned(raw: torch.Tensor) -> list[int]:
 class ElementEdit:
     """Scattered elements of one tensor (or fused view), saved as raw bits before they are written."""
 
-    def __init__(self, tensor: torch.Tensor, name: str, flat: np.ndarray):
+    def __init__(self, tensor: torch.Tensor, name: str, flat: np.ndarray, decoder: Any = None):
         self.tensor, self.name, self.flat = tensor, name, np.asarray(flat, dtype=np.int64)
+        self.decoder = decoder
         self.raw = as_bits(tensor)
         coords = np.unravel_index(self.flat, tuple(tensor.shape))
         self.index = tuple(torch.as_tensor(c, device=tensor.device) for c in coords)
@@ -73,8 +84,15 @@ class ElementEdit:
     def touches(self) -> list[torch.Tensor]:
         return [self.raw]
 
-    def element_changes(self) -> list[dict[str, Any]]:
+    def restore_into(self, live: torch.Tensor, copy: torch.Tensor) -> None:
+        """Write the saved bits into `copy` (a clone of `live`) when this part saved elements of `live`."""
+        if same_view(self.tensor, live):
+            as_bits(copy).index_put_(self.index, self.saved)
+
+    def element_changes(self, original: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, Any]]:
         """One record per element whose bits changed: where, which bit, old and new value and bits."""
+        if self.decoder is not None:
+            return self._decoded_changes(original)
         new_raw = self.raw[self.index]
         changed = (new_raw != self.saved).cpu().numpy()
         old_bits, new_bits = unsigned(self.saved.cpu()[changed]), unsigned(new_raw.cpu()[changed])
@@ -86,9 +104,25 @@ class ElementEdit:
             for flat, coord, a, b, o, n in zip(self.flat[changed].tolist(), coords, old_bits, new_bits, old, new)
         ]
 
-    def summary(self, changes: list[dict]) -> dict[str, Any]:
+    def _decoded_changes(self, original: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, Any]]:
+        """The changed elements of packed or quantized storage: codes as raw bits, values dequantized."""
+        elements, old_codes = self.decoder.elements(self.flat, self.saved.cpu())
+        _, new_codes = self.decoder.elements(self.flat, self.raw[self.index].cpu())
+        changed = old_codes != new_codes
+        elements, old_codes, new_codes = elements[changed], old_codes[changed], new_codes[changed]
+        old = self.decoder.values(elements, old_codes, original)
+        new = self.decoder.values(elements, new_codes, lambda t: t)
+        coords = np.stack(np.unravel_index(elements, self.decoder.shape), axis=-1).tolist()
+        return [
+            {"tensor": self.name, "index": int(e), "coords": coord, "bit": single_bit(int(a) ^ int(b)),
+             "old": o, "new": n, "old_bits": int(a), "new_bits": int(b)}
+            for e, coord, a, b, o, n in zip(elements.tolist(), coords, old_codes, new_codes, old, new)
+        ]
+
+    def summary(self, changes: list[dict], original: Callable) -> dict[str, Any]:
         mine = sum(1 for c in changes if c["tensor"] == self.name)
-        return tensor_summary(self.name, "elements", self.tensor.numel(), mine)
+        numel = math.prod(self.decoder.shape) if self.decoder is not None else self.tensor.numel()
+        return tensor_summary(self.name, "elements", numel, mine)
 
     def _values(self, raw: torch.Tensor) -> list[float]:
         """What the raw bits mean as numbers (the storage's own dtype, widened to float64)."""
@@ -100,8 +134,8 @@ class ElementEdit:
 class TensorEdit:
     """A whole tensor (or fused view) that a kind overwrites: one copy saved before the write."""
 
-    def __init__(self, tensor: torch.Tensor, name: str):
-        self.tensor, self.name = tensor, name
+    def __init__(self, tensor: torch.Tensor, name: str, decoder: Any = None):
+        self.tensor, self.name, self.decoder = tensor, name, decoder
         self.saved = tensor.clone()
 
     def restore(self) -> None:
@@ -113,15 +147,26 @@ class TensorEdit:
     def touches(self) -> list[torch.Tensor]:
         return [self.tensor]
 
-    def summary(self, changes: list[dict]) -> dict[str, Any]:
+    def restore_into(self, live: torch.Tensor, copy: torch.Tensor) -> None:
+        if same_view(self.tensor, live):
+            copy.copy_(self.saved)
+
+    def summary(self, changes: list[dict], original: Callable) -> dict[str, Any]:
         """How much of the tensor changed and by how much: ||new - old|| / ||old||, the share of
-        elements whose bits differ, and the share that is zero now (achieved sparsity for prune)."""
-        changed = int((as_bits(self.tensor) != as_bits(self.saved)).sum())
-        base = float(torch.linalg.vector_norm(self.saved.float()))
-        delta = float(torch.linalg.vector_norm(self.tensor.float() - self.saved.float()))
+        elements whose bits differ, and the share that is zero now (achieved sparsity for prune).
+        Quantized storage is compared element by element (codes) and measured dequantized."""
+        if self.decoder is None:
+            old, new = self.saved.float(), self.tensor.float()
+            changed = int((as_bits(self.tensor) != as_bits(self.saved)).sum())
+        else:
+            old = self.decoder.dequantize(self.saved, original)
+            new = self.decoder.dequantize(self.tensor, lambda t: t)
+            changed = int((self.decoder.codes(self.saved.cpu()) != self.decoder.codes(self.tensor.cpu())).sum())
+        base = float(torch.linalg.vector_norm(old))
+        delta = float(torch.linalg.vector_norm(new - old))
         rel = delta / base if base > 0 else (0.0 if delta == 0 else math.inf)
-        zeros = float((self.tensor == 0).sum()) / max(1, self.tensor.numel())
-        return tensor_summary(self.name, "tensor", self.tensor.numel(), changed, rel, zeros)
+        zeros = float((new == 0).sum()) / max(1, new.numel())
+        return tensor_summary(self.name, "tensor", new.numel(), changed, rel, zeros)
 
 
 class HookEdit:
@@ -141,7 +186,10 @@ class HookEdit:
     def touches(self) -> list[nn.Module]:
         return [self.module]
 
-    def summary(self, changes: list[dict]) -> dict[str, Any]:
+    def restore_into(self, live: torch.Tensor, copy: torch.Tensor) -> None:
+        pass
+
+    def summary(self, changes: list[dict], original: Callable) -> dict[str, Any]:
         return tensor_summary(self.name, "hook", None, None)
 
 
@@ -151,6 +199,11 @@ def tensor_summary(name: str, how: str, numel: int | None, changed: int | None,
     fraction = changed / numel if numel and changed is not None else None
     return {"tensor": name, "how": how, "numel": numel, "changed": changed, "fraction_changed": fraction,
             "rel_norm": rel_norm, "sparsity": sparsity}
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements of the same storage (not merely equal values)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def single_bit(diff: int) -> int | None:
@@ -164,16 +217,18 @@ class Edits:
     def __init__(self) -> None:
         self.parts: list[ElementEdit | TensorEdit | HookEdit] = []
 
-    def elements(self, tensor: torch.Tensor, name: str, flat: np.ndarray) -> tuple[torch.Tensor, tuple]:
+    def elements(self, tensor: torch.Tensor, name: str, flat: np.ndarray,
+                 decoder: Any = None) -> tuple[torch.Tensor, tuple]:
         """Save elements `flat` (row-major indices into `tensor`) of `tensor`; returns the raw-bits
-        view and the index to write them through."""
-        part = ElementEdit(tensor, name, flat)
+        view and the index to write them through. With a `decoder`, `tensor` is packed or quantized
+        storage and `flat` indexes its storage units (see the module docstring)."""
+        part = ElementEdit(tensor, name, flat, decoder)
         self.parts.append(part)
         return part.raw, part.index
 
-    def tensor(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    def tensor(self, tensor: torch.Tensor, name: str, decoder: Any = None) -> torch.Tensor:
         """Save a copy of `tensor`; returns it, to be written in place."""
-        self.parts.append(TensorEdit(tensor, name))
+        self.parts.append(TensorEdit(tensor, name, decoder))
         return tensor
 
     def hook(self, module: nn.Module, name: str, handle: Any) -> None:
@@ -191,10 +246,18 @@ class Edits:
         trial's forward at the first decoder block holding any of them."""
         return [thing for part in self.parts for thing in part.touches()]
 
+    def original(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What `tensor` held before this trial: a copy with every part saved from it put back."""
+        copy = tensor.clone()
+        for part in reversed(self.parts):
+            part.restore_into(tensor, copy)
+        return copy
+
     def provenance(self) -> dict[str, Any]:
         """The row's description of the trial's changes (see PROVENANCE in sensray.results)."""
-        changes = [c for part in self.parts if isinstance(part, ElementEdit) for c in part.element_changes()]
-        tensors = [part.summary(changes) for part in self.parts]
+        elements = [part for part in self.parts if isinstance(part, ElementEdit)]
+        changes = [c for part in elements for c in part.element_changes(self.original)]
+        tensors = [part.summary(changes, self.original) for part in self.parts]
         elementwise = any(isinstance(part, ElementEdit) for part in self.parts)
         one = changes[0] if len(changes) == 1 else {}
         bits = {c["bit"] for c in changes}

@@ -11,6 +11,9 @@ rounded once to the weight's dtype. Each tensor's noise comes from its own strea
 seed, the tensor's canonical name and the distribution: equally shaped tensors get independent
 noise, and a tensor gets the same noise whichever target selected it (blocks.3 or blocks.3.mlp.*),
 so nested targets compare like with like. sigma is not in the key: a sigma sweep scales one draw.
+
+Quantized weights are refused (QUANTIZED below): their float tensors (norms, embeddings, the head)
+take noise as in any model.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Noise(Perturbation):
     name = "noise"
     summary = "add seeded gaussian or uniform noise, absolute or relative to each tensor's std"
     Params = NoiseParams
+    quantized = ("noise is real-valued and quantized codes hold only their format's values, so the weights "
+                 "would be requantized (rounded per row or block), not noised; target the float tensors, "
+                 "or add noise to the float model (quantization: none)")
 
     @classmethod
     def perturb(cls, model: nn.Module, params: NoiseParams, edits: Edits) -> None:

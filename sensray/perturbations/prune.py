@@ -97,6 +97,9 @@ class Prune(Perturbation):
     name = "prune"
     summary = "zero a share of each weight matrix by magnitude, wanda (|W|·||X||) or per-layer sensitivity; N:M too"
     Params = PruneParams
+    quantized = ("pruning a quantized model means pruning the float weights and quantizing the result (sensray prune "
+                 "writes the pruned model; load that with quantization); a prune trial here would rank codes "
+                 "whose scales it cannot change")
 
     @classmethod
     def check(cls, model: nn.Module, params: PruneParams):

@@ -17,10 +17,15 @@ removal destroys the model, against as many random or largest weights, whose rem
 `coords` and `top` do not use the seed, so a grid over `pick` and `seed` evaluates them once per
 seed, identically: a sweep's space is one cartesian product and cannot leave an axis out for
 some values of another. Only the zeroed elements' original bits are saved.
+
+On a quantized model (int8, nf4, fp4) the target is the codes (`blocks.1.mlp.down.weight`), and
+zeroing a weight writes the code whose value is exactly 0 (int8: 0; nf4: 7; fp4: 0), so the
+dequantized weight is 0 and the row's scale is untouched; `top` ranks by |dequantized weight|.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import numpy as np
@@ -36,8 +41,8 @@ from sensray.perturbations.base import (
     keyed_rng,
     register,
     seed_field,
-    tensors_of,
 )
+from sensray.quantized.elements import Elements, elements_of
 
 
 class ZeroParams(Params):
@@ -65,6 +70,7 @@ class Zero(Perturbation):
     name = "zero"
     summary = "zero elements of one weight matrix: given coords, the top-N by magnitude, or N seeded random ones"
     Params = ZeroParams
+    quantized = None  # a quantized weight is zeroed by writing the code of 0 (the scale stays)
 
     @classmethod
     def check(cls, model: nn.Module, params: ZeroParams):
@@ -74,7 +80,11 @@ class Zero(Perturbation):
             raise ParamError("target", f"zero needs exactly one tensor; {params.target!r} selects "
                                        f"{len(selection.tensors)} ({names}{', ...' if len(selection.tensors) > 4 else ''})")
         ref = selection.tensors[0]
-        shape = tuple(ref.resolve(model).shape)  # shapes exist on a meta model too
+        target = elements_of(model, ref)  # shapes exist on a meta model too
+        shape = target.shape
+        if target.statistic:
+            raise ParamError("target", f"zero needs a weight matrix; {ref.name} is a quantization statistic "
+                                       f"(target the weight, {ref.name.split('.weight.')[0]}.weight)")
         if len(shape) != 2:
             raise ParamError("target", f"zero needs a 2-D weight matrix; {ref.name} has shape {list(shape)}")
         if params.coords is not None:
@@ -85,10 +95,8 @@ class Zero(Perturbation):
 
     @classmethod
     def perturb(cls, model: nn.Module, params: ZeroParams, edits: Edits) -> None:
-        ((name, tensor),) = tensors_of(model, cls.check(model, params))
-        flat = elements(tensor, params)
-        bits, index = edits.elements(tensor, name, flat)
-        bits.index_put_(index, torch.zeros(len(flat), dtype=bits.dtype, device=bits.device))  # all bits 0: +0.0
+        target = elements_of(model, cls.check(model, params).tensors[0])
+        target.write(edits, elements(target, params), target.zero_code)  # floats: all bits 0, +0.0
 
 
 def _check_coords(coords: list[list[int]], shape: tuple[int, int], name: str) -> None:
@@ -101,14 +109,16 @@ def _check_coords(coords: list[list[int]], shape: tuple[int, int], name: str) ->
         seen.add(tuple(coord))
 
 
-def elements(tensor: torch.Tensor, params: ZeroParams) -> np.ndarray:
-    """Flat indices (row-major, sorted) of the elements a trial zeroes."""
+def elements(target: torch.Tensor | Elements, params: ZeroParams) -> np.ndarray:
+    """Flat indices (row-major, sorted) of the elements a trial zeroes (of a tensor, or of a canonical
+    tensor's elements: dequantized weights for quantized storage)."""
+    shape = tuple(target.shape)
     if params.pick == "coords":
-        return np.sort(np.ravel_multi_index(np.array(params.coords).T, tensor.shape))
+        return np.sort(np.ravel_multi_index(np.array(params.coords).T, shape))
     if params.pick == "random":
         rng = keyed_rng(params.seed, "zero", params.target)
-        return np.sort(rng.choice(tensor.numel(), size=params.size, replace=False))
-    return largest(tensor, params.size)
+        return np.sort(rng.choice(math.prod(shape), size=params.size, replace=False))
+    return largest(target.values() if isinstance(target, Elements) else target, params.size)
 
 
 def largest(tensor: torch.Tensor, count: int) -> np.ndarray:
