@@ -363,10 +363,13 @@ def parse_spec(text: str, overrides: list[str] = (), model: type[Frozen] | None 
     raw = safe_yaml.load(text)
     if not isinstance(raw, dict):
         raise SpecError("", f"must be a mapping of keys to values, got {type(raw).__name__}")
-    if "stages" in raw and "perturbation" not in raw:
-        raise SpecError("stages", "this is a study spec (a list of stages), not an experiment: run it with sensray study")
-    if "attack" in raw and "perturbation" not in raw:
-        raise SpecError("attack", "this is an attack spec: run it with `sensray attack`")
+    if model is None and "perturbation" not in raw:  # another command's spec given to a sweep: name that command
+        if "stages" in raw:
+            raise SpecError("stages", "this is a study spec (a list of stages), not an experiment: run it with "
+                                      "sensray study")
+        if "attack" in raw:
+            command = "sensray adversarial" if "inputs" in raw else "sensray attack"
+            raise SpecError("attack", f"this is an attack spec: run it with `{command}`")
     for override in overrides:
         apply_override(raw, override)
     return validate(raw, model)

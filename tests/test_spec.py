@@ -140,3 +140,14 @@ def test_every_shipped_tiny_experiment_plans(name, tmp_path):
         planned = [make_plan(spec)]  # against the meta model: no weights
     assert sum(len(plan.trials) for plan in planned) == TINY_TRIALS[name]
     assert all(len({t.trial_id for t in plan.trials}) == len(plan.trials) for plan in planned)
+
+
+@pytest.mark.parametrize("spec, command", [
+    ("adversarial.yaml", "sensray adversarial"),
+    ("attack-bitflip.yaml", "sensray attack"),
+    ("integrated.yaml", "sensray study"),
+])
+def test_another_commands_spec_given_to_a_sweep_names_that_command(spec, command):
+    with pytest.raises(SpecError) as err:
+        load_spec(REPO / "experiments" / spec)
+    assert err.value.message.endswith(command) or f"`{command}`" in err.value.message

@@ -204,8 +204,8 @@ def write(runs: Sequence[Run], out: Path, threshold: float = tables.CATASTROPHIC
     doc.add(Para(f"{len(table)} conditions in common, joined on {', '.join(join_keys(runs))}; sorted by how much "
                  f"the runs disagree. Each run is measured against its own baseline."))
     doc.add(Heading("Largest differences"), display(table, names, limit=20))
-    doc.add(Heading("Figures"), FigureBlock(written[1], "Per layer, side by side"),
-            FigureBlock(written[1 + len(formats)], "Per condition, run against run"))
+    doc.add(Heading("Figures"), FigureBlock("Per layer, side by side", path=written[1]),
+            FigureBlock("Per condition, run against run", path=written[1 + len(formats)]))
     doc.add(Heading("Table"), Code(f"import polars as pl\npl.read_parquet('{out / 'compare.parquet'}')"))
     for name, text in (("compare.md", markdown(doc, out)), ("compare.html", html(doc))):
         (out / name).write_text(text, encoding="utf-8")

@@ -163,6 +163,12 @@ class Figure:
     fig: Any = None
     path: Path | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.caption, str) or not isinstance(self.stem, str):  # Figure(path, caption) of old
+            raise TypeError(f"Figure(caption, stem, fig, path=...) takes the caption first, got {self.caption!r}")
+        if self.path is not None:
+            self.path = Path(self.path)
+
 
 @dataclass
 class Explorer:

@@ -106,7 +106,8 @@ def document(spec, baseline: dict, summary: dict, flips: list[dict], random: lis
                         f"`{spec.attack.target}`; clean ppl {value(baseline['ppl'])} on {baseline['tokens']:,} "
                         f"tokens of {spec.data.corpus}. Flips needed for ppl {reach}."),
             render.Para(_random_line(flips, random)),
-            render.Figure(figure, "damage against flips: the committed sequence beside random flips of the same bits"),
+            render.Figure("damage against flips: the committed sequence beside random flips of the same bits",
+                          path=figure),
             render.Heading("The committed flips"), _flip_table(flips),
             render.Para(f"Speed: {summary['steps_per_minute'] or 0:.2f} steps per minute with {summary['replicas']} "
                         f"replica(s) (a step: one backward pass and {spec.attack.evaluate} exact trials). Committed "

@@ -33,7 +33,7 @@ def document(setup: dict, summary: dict, frames: dict[str, pl.DataFrame], figure
             render.Table.plain(_rounded(frames["modules"].select(
                 "module", "tensors", "numel", "taylor", "zero_predicted", *_present(frames["modules"], ["fisher"])))))
     if "heatmap" in figures:
-        doc.add(render.Figure(figures["heatmap"], "predicted loss change of zeroing each module of each block"))
+        doc.add(render.Figure("predicted loss change of zeroing each module of each block", path=figures["heatmap"]))
     doc.add(render.Heading("The flips the gradient ranks first"),
             render.Para("Per field, the single flips with the largest predicted loss increase anywhere in the model "
                         "(sensray attack searches these progressively, evaluating each exactly)."),
@@ -98,7 +98,7 @@ def _check(doc: render.Document, check: dict[str, pl.DataFrame], figures: dict[s
         doc.add(render.Para("Left out (no prediction for their kind, failed, or non-finite without a prediction): "
                             + ", ".join(f"{run}: {n}" for run, n in check["unused"].items()) + "."))
     if "check" in figures:
-        doc.add(render.Figure(figures["check"], "predicted against measured, one point per trial"))
+        doc.add(render.Figure("predicted against measured, one point per trial", path=figures["check"]))
 
 
 def _reading(corr: pl.DataFrame) -> list[str]:

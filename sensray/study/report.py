@@ -185,7 +185,7 @@ def build(doc: Document, ctx: StageContext, rows: list[dict], baseline: dict, fi
             [False, False, False, True, True, True, True, True, True, True, True]),
             Para("A LoRA merge makes every pruned weight of an adapted matrix nonzero; the last column is the merged "
                  "model's perplexity before the mask was put back, i.e. what keeping the sparsity costs."))
-    doc.add(Heading("Figures"), *[FigureBlock(ctx.dir / f"{stem}.png", caption) for stem, caption in figures.items()])
+    doc.add(Heading("Figures"), *[FigureBlock(caption, path=ctx.dir / f"{stem}.png") for stem, caption in figures.items()])
     times = stage_times(ctx)
     doc.add(Heading("Stages"), Table(["stage", "kind", "seconds"],
                                      [[t["stage"], t["kind"], f"{t['seconds']:.1f}"] for t in times],
