@@ -51,8 +51,8 @@ command("study", "sensray.study.cli", "stages in one resumable directory: sweep,
 command("saliency", "sensray.saliency.cli", "a whole-model sensitivity map from gradients; --check a sweep against it")
 command("attack", "sensray.attack.cli", "the fewest bit flips that break a model: gradient-guided, on the replica pool")
 command("evaluate", "sensray.evaluate", "a model's perplexity and lm-eval task scores, as a run directory")
-command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 command("adversarial", "sensray.adversarial.cli", "input edits that mislead a model (GCG, HotFlip), on damaged weights too")
+command("list", "sensray.commands.listing", "models, perturbations, analyses, experiments")
 
 
 def build_parser(prog: str = "sensray") -> argparse.ArgumentParser:

@@ -140,6 +140,7 @@ def test_list_analyses(capsys):
     assert "experiments/ablation.yaml" in lines["sensitivity"] and "experiments/prune.yaml" in lines["pruning"]
     assert "experiments/adversarial.yaml" in lines["adversarial"] and "experiments/evaluate.yaml" in lines["evaluate"]
     assert "experiments/integrated.yaml" in lines["integrated"] and "experiments/fine-tuning.yaml" in lines["fine-tuning"]
+    assert len({line.index(presets.ANALYSES.get(name).summary) for name, line in lines.items()}) == 1  # one column
 
 
 def test_list_experiments_shows_each_with_its_description(capsys, monkeypatch):

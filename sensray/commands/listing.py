@@ -30,9 +30,10 @@ def _analyses() -> int:
     from sensray.presets import ANALYSES
 
     width = max(map(len, ANALYSES))
+    runs = {name: f"experiments/{a.preset}.yaml" if a.preset else "-" for name, a in ANALYSES.items()}
+    runs_width = max(map(len, runs.values()))
     for name, analysis in ANALYSES.items():
-        runs = f"experiments/{analysis.preset}.yaml" if analysis.preset else "-"
-        print(f"{name:<{width}}  {runs:<26} {analysis.summary}")
+        print(f"{name:<{width}}  {runs[name]:<{runs_width}}  {analysis.summary}")
     return 0
 
 
