@@ -41,6 +41,14 @@ MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; anything near this is a mist
 MAX_NAME = 100  # the name is a directory name: keep it well under any filesystem's limit
 MAX_SEED = 2**63 - 1  # seeds reach torch and numpy generators as int64
 BUILTIN_SEARCHERS = ("worst-case", "optuna", "hyperopt")
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name that can be a directory
+
+
+def run_name(name: str) -> str:
+    """`name` if it can name a results directory (every spec's `name` becomes one under output_dir)."""
+    if not SLUG.fullmatch(name):
+        raise ValueError("must be a slug of letters, digits, '_', '.', '-' (it names the results directory)")
+    return name
 
 
 class Frozen(BaseModel):
@@ -272,10 +280,7 @@ class ExperimentSpec(Frozen):
     @field_validator("name")
     @classmethod
     def _slug(cls, name: str) -> str:
-        # The name becomes a directory under output_dir.
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError("must be a slug of letters, digits, '_', '.', '-' (it names the results directory)")
-        return name
+        return run_name(name)
 
     @field_validator("perturbation")
     @classmethod

@@ -147,3 +147,13 @@ def tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def apply_kind(model: torch.nn.Module, kind: str, **params: Any):
+    """Perturb `model` in place as a trial would (parse, check, apply); returns the undo record (Edits)."""
+    from sensray.perturbations import PERTURBATIONS
+
+    perturbation = PERTURBATIONS.get(kind)
+    parsed = perturbation.parse(params)
+    perturbation.check(model, parsed)
+    return perturbation.apply(model, parsed)

@@ -12,16 +12,12 @@ from sensray.checksum import weights_checksum
 from sensray.perturbations import PERTURBATIONS, ParamError
 from sensray.perturbations.base import as_bits
 from sensray.perturbations.bitflip import LAYOUTS, choose
-from sensray.testing import FAMILIES, tiny_model
+from sensray.testing import FAMILIES, apply_kind, tiny_model
 
 TOKENS = torch.arange(2 * 16).remainder(97).view(2, 16)
 
 
-def apply(model, kind, **params):
-    k = PERTURBATIONS.get(kind)
-    parsed = k.parse(params)
-    k.check(model, parsed)
-    return k.apply(model, parsed)
+apply = apply_kind  # parse, check, apply: as a trial does
 
 
 def logits(model):

@@ -9,17 +9,12 @@ import polars as pl
 import pytest
 import torch
 
-from sensray.perturbations import PERTURBATIONS
 from sensray.perturbations.edits import as_bits
 from sensray.results import to_frame
-from sensray.testing import tiny_model
+from sensray.testing import apply_kind, tiny_model
 
 
-def apply(model, kind, **params):
-    k = PERTURBATIONS.get(kind)
-    parsed = k.parse(params)
-    k.check(model, parsed)
-    return k.apply(model, parsed)
+apply = apply_kind  # parse, check, apply: as a trial does
 
 
 def diff(model, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

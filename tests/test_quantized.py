@@ -25,6 +25,7 @@ from sensray.perturbations.bitflip import FIELDS
 from sensray.quantized.elements import elements_of
 from sensray.quantized.storage import buffers, part_tensor, quantized_modules
 from sensray.spec import ModelSpec
+from sensray.testing import apply_kind
 
 pytest.importorskip("bitsandbytes")
 
@@ -51,11 +52,7 @@ def models():
     return {name: load_model(ModelSpec.model_validate(keys), torch.device("cpu")) for name, keys in FORMATS.items()}
 
 
-def apply(model, kind, **params):
-    k = PERTURBATIONS.get(kind)
-    parsed = k.parse(params)
-    k.check(model, parsed)
-    return k.apply(model, parsed)
+apply = apply_kind  # parse, check, apply: as a trial does
 
 
 def logits(model):

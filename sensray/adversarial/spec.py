@@ -13,13 +13,13 @@ resources sections are the sweep's own models.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from sensray.spec import MAX_NAME, MAX_SEED, DataSpec, Frozen, ModelSpec, ResourcesSpec, load_spec, parse_spec
+from sensray.spec import (MAX_NAME, MAX_SEED, DataSpec, Frozen, ModelSpec, ResourcesSpec, load_spec, parse_spec,
+                          run_name)
 
 MAX_BUDGET = 4096  # edit budgets are token counts; anything beyond a model's context fails the plan anyway
 MAX_STEPS = 100_000
@@ -89,9 +89,7 @@ class AdversarialSpec(Frozen):
     @field_validator("name")
     @classmethod
     def _slug(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError("must be a slug of letters, digits, '_', '.', '-' (it names the results directory)")
-        return name
+        return run_name(name)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AdversarialSpec":

@@ -21,7 +21,6 @@ study directory's study.yaml, which therefore resumes on its own.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -31,10 +30,10 @@ from pydantic import Field, ValidationError, field_validator
 from sensray import safe_yaml
 from sensray.errors import SpecError
 from sensray.heal.recipe import EVAL_TEXT
-from sensray.spec import MAX_NAME, DataSpec, Frozen, ModelSpec, apply_override, describe, key_path, read_spec_text
+from sensray.spec import (MAX_NAME, SLUG, DataSpec, Frozen, ModelSpec, apply_override, describe, key_path,
+                          read_spec_text, run_name)
 from sensray.study.stages import DENSE, Stage, check_refs, load_kinds
 
-SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class StudySpec(Frozen):
@@ -51,9 +50,7 @@ class StudySpec(Frozen):
     @field_validator("name")
     @classmethod
     def _slug(cls, name: str) -> str:
-        if not SLUG.fullmatch(name):
-            raise ValueError("must be a slug of letters, digits, '_', '.', '-' (it names the results directory)")
-        return name
+        return run_name(name)
 
 
 @dataclass
