@@ -271,11 +271,32 @@ def test_a_study_spec_given_to_sweep_says_to_run_it_with_study(capsys):
         capsys.readouterr().err
 
 
-def test_tasks_are_refused_not_ignored_until_the_stage_runs_them(tmp_path, capsys):
+def test_an_unknown_task_fails_the_dry_run_naming_the_stage(tmp_path, capsys):
     spec = write(tmp_path / "tasks.yaml", STUDY.replace("models: [dense, pruned-allocated, pruned-uniform, healed]",
-                                                        "models: [dense, healed], tasks: [hellaswag]"))
+                                                        "models: [dense, healed], tasks: [sensray-pydoc-choise]"))
     code, _, err = study(capsys, spec, "--dry-run")
-    assert code == 2 and "stages[5].tasks: lm-eval tasks in a study need `sensray evaluate`" in err
+    assert code == 2 and "stages[5].tasks" in err and "sensray-pydoc-choice" in err  # lm-eval's suggestion
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow  # lm-eval scores two models
+def test_the_evaluation_scores_the_tasks_on_every_model_and_the_report_shows_them(tmp_path, capsys):
+    text = STUDY.split("stages:")[0] + textwrap.dedent("""\
+        stages:
+          - {{name: pruned, kind: prune, method: magnitude, sparsity: 0.9}}
+          - {{name: evaluation, kind: evaluate, models: [dense, pruned], tasks: [sensray-pydoc-choice], limit: 12}}
+          - {{name: report, kind: report, evaluation: evaluation}}
+        """)
+    code, _, err = study(capsys, write(tmp_path / "tasks.yaml", text))
+    assert code == 0, err
+    root = next((tmp_path / "results" / "small-study").iterdir())
+    rows = pl.read_parquet(root / "evaluation" / "trials.parquet").to_dicts()
+    assert [r["sensray-pydoc-choice/n"] for r in rows] == [12, 12]
+    dense, pruned = (r["sensray-pydoc-choice/acc"] for r in rows)
+    assert 0 <= pruned < dense <= 1  # 90% magnitude pruning costs the shipped model accuracy
+    models = json.loads((root / "report" / "summary.json").read_text())["models"]
+    assert models["pruned"]["sensray-pydoc-choice/acc"] == pruned
+    assert "## Tasks" in (root / "report" / "report.md").read_text()
 
 
 def test_the_closing_note_gives_each_models_ppl_and_sparsity_and_each_stage_time(finished, tmp_path, capsys):

@@ -8,19 +8,21 @@ Written as a run directory (spec.yaml, baseline.json, trials.parquet), one row p
 top-1 agreement against the dense model's predictions on the same token windows (metrics.py),
 and the sparsity counted in its weights. One model is resident at a time (with the dense model's
 reference predictions), so a 7B study evaluates on one GPU; with `executor: ray` the stage runs as
-a Ray task on a GPU node. lm-eval tasks (`tasks:`) need `sensray evaluate`.
+a Ray task on a GPU node. `tasks:` adds lm-eval task scores (sensray.tasks) to each model's row,
+scored on that model as it is resident (columns `<task>/<metric>`, as in a sweep's rows).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
+
 from pydantic import Field
 
 from sensray.errors import SpecError
@@ -30,7 +32,9 @@ from sensray.study.stages import DENSE, Stage, StageContext, StageResult, regist
 
 class EvaluateParams(Frozen):
     models: list[str] = Field(min_length=1, description="earlier stages that make models, or dense")
-    tasks: list[str] = Field([], description="lm-eval tasks (needs sensray evaluate)")
+    tasks: list[str] = Field([], description="lm-eval tasks scored on every model (sensray list: sensray evaluate "
+                                             "--list-tasks); none: perplexity, KL and top-1 only")
+    limit: Optional[int] = Field(None, ge=1, description="at most this many documents per task")
 
 
 @register
@@ -42,10 +46,10 @@ class Evaluate(Stage):
     uses_eval = True
 
     def check(self, ctx: StageContext) -> None:
-        if self.params.tasks:  # refused, never ignored: a study must not silently skip what it was asked to score
-            raise SpecError(f"{self.key}.tasks", "lm-eval tasks in a study need `sensray evaluate` (issue 14), which "
-                                                 "this stage does not run yet; leave tasks out (perplexity, KL and "
-                                                 "top-1 are measured either way)")
+        if self.params.tasks:  # names, output types and data, before any stage runs
+            from sensray.tasks import Catalog
+
+            Catalog(self.params.tasks).check(f"{self.key}.tasks")
         names = self.params.models
         if len(set(names)) != len(names):
             raise SpecError(f"{self.key}.models", f"lists a model twice: {names}")
@@ -54,13 +58,23 @@ class Evaluate(Stage):
         sources = {name: ctx.model_name(name) for name in self.params.models}
         kinds = {name: "dense" if name == DENSE else ctx.stage_named(name).kind for name in self.params.models}
         rows = ctx.on_cluster(evaluate_models, ctx.spec.model.model_dump(), ctx.spec.eval.model_dump(), sources,
-                              kinds, str(ctx.dir))
+                              kinds, str(ctx.dir), self.params.tasks, self.params.limit)
         summary = {row["target"]: {k: row[k] for k in ("ppl", "kl", "top1_agreement", "sparsity")} for row in rows}
         return StageResult(ctx.dir, summary, None)
 
 
-def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dict[str, str], out: str) -> list[dict]:
-    """Measure every model in `sources` (label -> name or path) against `model`; write the run directory."""
+@dataclass(frozen=True)
+class Scoring:
+    """The lm-eval tasks scored on every model (none: the metrics only)."""
+
+    tasks: list[str]
+    limit: int | None
+
+
+def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dict[str, str], out: str,
+                    tasks: list[str] = (), limit: int | None = None) -> list[dict]:
+    """Measure every model in `sources` (label -> name or path) against `model`, with the lm-eval `tasks`
+    scored on each; write the run directory."""
     from sensray.replica import Replica
     from sensray.results import RunDir
     from sensray.spec import ExperimentSpec
@@ -69,11 +83,12 @@ def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dic
     spec = ExperimentSpec(name=out.name, model=dense_spec, data=data_spec, perturbation="zero", space={},
                           reuse={"prefix": False}, output_dir=str(out.parent))
     replica = Replica(spec)
-    rows = {DENSE: _row(DENSE, dense_spec.name, kinds.get(DENSE, "dense"), replica, replica.model)}
+    scoring = Scoring(list(tasks), limit)
+    rows = {DENSE: _row(DENSE, dense_spec.name, kinds.get(DENSE, "dense"), replica, replica.model, scoring)}
     replica.model = None  # only the reference predictions are needed from here on: one model resident at a time
     for label, source in sources.items():
         if label != DENSE:
-            rows[label] = _measure(label, source, kinds[label], replica, dense_spec)
+            rows[label] = _measure(label, source, kinds[label], replica, dense_spec, scoring)
     ordered = [rows[label] for label in sources]
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.resolved() | {"models": sources}, sort_keys=False),
                                    encoding="utf-8")
@@ -83,7 +98,7 @@ def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dic
     return ordered
 
 
-def _measure(label: str, source: str, kind: str, replica, dense: ModelSpec) -> dict[str, Any]:
+def _measure(label: str, source: str, kind: str, replica, dense: ModelSpec, scoring: Scoring) -> dict[str, Any]:
     """One model's row; a model whose tokenizer cuts the eval text differently is an error row (no KL)."""
     from sensray.data import eval_batches
     from sensray.models import load_model, load_tokenizer
@@ -94,17 +109,17 @@ def _measure(label: str, source: str, kind: str, replica, dense: ModelSpec) -> d
     if len(batches) != len(replica.batches) or not all(torch.equal(a.cpu(), b.cpu())
                                                        for a, b in zip(batches, replica.batches)):
         error = f"its tokenizer splits the eval text differently from {dense.name}'s: KL is undefined"
-        return _row(label, source, kind, replica, None, error, start)
+        return _row(label, source, kind, replica, None, scoring, error, start)
     model = load_model(spec, replica.device)
     try:
-        return _row(label, source, kind, replica, model, None, start)
+        return _row(label, source, kind, replica, model, scoring, None, start)
     finally:
         del model
         if replica.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _row(label: str, source: str, kind: str, replica, model, error: str | None = None,
+def _row(label: str, source: str, kind: str, replica, model, scoring: Scoring, error: str | None = None,
          start: float | None = None) -> dict[str, Any]:
     from sensray.metrics import evaluate
 
@@ -117,7 +132,22 @@ def _row(label: str, source: str, kind: str, replica, model, error: str | None =
         row |= {"ppl": scores.ppl, "nll": scores.nll, "delta_ppl": scores.ppl / replica.baseline.ppl,
                 "kl": scores.kl, "top1_agreement": scores.top1_agreement, "nonfinite": scores.nonfinite,
                 "tokens": scores.tokens, "sparsity": _sparsity(model)}
+        row |= _task_columns(model, replica, scoring)
     return row | {"seconds": time.perf_counter() - start, "replica": "local-0", "error": error}
+
+
+def _task_columns(model, replica, scoring: Scoring) -> dict[str, Any]:
+    """lm-eval scores of `model` on the stage's tasks (nothing when it lists none), on the eval text's tokenizer."""
+    if not scoring.tasks:
+        return {}
+    from sensray.models import load_tokenizer
+    from sensray.results import TASK_SECONDS
+    from sensray.tasks import TaskScorer
+
+    tokenizer = load_tokenizer(replica.spec.model)  # the same tokenizer for every model: _measure checked it
+    text = tokenizer.decode(torch.cat([b.flatten() for b in replica.batches]).tolist())  # sensray-data-ppl's text
+    result = TaskScorer(model, tokenizer, scoring.tasks, scoring.limit, data_text=text).score()
+    return result.columns | {TASK_SECONDS: result.seconds}
 
 
 def _sparsity(model) -> float:

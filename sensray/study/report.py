@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -57,7 +56,7 @@ class Report(Stage):
         (ctx.dir / "report.md").write_text(markdown(doc, ctx.dir), encoding="utf-8")
         (ctx.dir / "report.html").write_text(html(doc), encoding="utf-8")
         summary = {"models": {r["target"]: {k: r.get(k) for k in ("arm", "healing", "ppl", "kl", "top1_agreement",
-                                                                   "sparsity")} for r in rows},
+                                                                   "sparsity", *task_scores(rows))} for r in rows},
                    "heals": heal_table(ctx, rows, baseline["ppl"]), "stages": stage_times(ctx)}
         (ctx.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         return StageResult(ctx.dir, {"models": summary["models"]}, None)
@@ -175,6 +174,10 @@ def build(doc: Document, ctx: StageContext, rows: list[dict], baseline: dict, fi
         [[r["target"], r["arm"], r["healing"], _pct(r.get("sparsity")), _num(r.get("ppl")),
           _num(r.get("delta_ppl")), _num(r.get("kl")), percent(r.get("top1_agreement"))] for r in rows],
         [False, False, False, True, True, True, True, True]))
+    if task_scores(rows):
+        doc.add(Heading("Tasks"), tasks_table(rows), Para(
+            "lm-eval scores of each model (± lm-eval's standard error), on the documents of the evaluation stage's "
+            "`tasks` (`limit` caps them per task)."))
     if heals:
         doc.add(Heading("Healing"), Table(
             ["heal", "of", "method", "steps", "lr", "trainable", "ppl before", "ppl after", "damage recovered",
@@ -192,6 +195,25 @@ def build(doc: Document, ctx: StageContext, rows: list[dict], baseline: dict, fi
                                      [False, False, True]))
     commands = [f"# {t['stage']}\n{ctx.records[t['stage']].command}" for t in times if ctx.records[t["stage"]].command]
     doc.add(Para("Each of these stages alone, as the study ran it:"), Code("\n".join(commands)))
+
+
+def task_scores(rows: list[dict]) -> list[str]:
+    """The lm-eval score columns of the evaluation rows (`<task>/<metric>`), without stderrs and counts."""
+    from sensray.results import is_task_column
+
+    names = dict.fromkeys(k for r in rows for k in r if is_task_column(k))
+    return [k for k in names if "/" in k and not k.endswith(("_stderr", "/n"))]
+
+
+def tasks_table(rows: list[dict]) -> Table:
+    scores = task_scores(rows)
+
+    def cell(r: dict, k: str) -> str:
+        err = r.get(f"{k}_stderr")
+        return _num(r.get(k)) + (f" ± {_num(err)}" if isinstance(err, float) else "")
+
+    return Table(["model", *scores], [[r["target"], *(cell(r, k) for k in scores)] for r in rows],
+                 [False, *([True] * len(scores))])
 
 
 def _num(x: float | None) -> str:
