@@ -154,6 +154,8 @@ class Replica:
         metrics = dict.fromkeys(METRICS)
         if scores is not None:
             metrics.update({k: v for k, v in asdict(scores).items() if k in metrics})
+            if scores.seq_nll is not None:  # a row is JSON as it stands: the journal reads back what was written
+                metrics["seq_nll"] = list(scores.seq_nll)
             baseline_ppl = self.partial_ppl[scores.tokens]  # all tokens, unless early stopping cut the trial short
             metrics["delta_ppl"] = scores.ppl / baseline_ppl if math.isfinite(scores.ppl) else math.inf
         provenance = dict.fromkeys(PROVENANCE) | changes
