@@ -234,3 +234,5 @@ def test_a_format_study_runs_is_interrupted_resumes_and_is_analysed(write, capsy
     assert (summary["n"] == 3).all() and summary["ci_low"].is_not_null().all()
     assert np.all(summary["ci_low"].to_numpy() <= summary["share"].to_numpy())
     assert {p.name for p in (study / "analysis").iterdir()} == {"formats.md", "formats.parquet", "formats.png"}
+    header = (study / "analysis" / "formats.md").read_text().split("\n\n")[1]
+    assert "None" not in header and "int8 (quantization: int8)" in header, header  # only the keys each format sets

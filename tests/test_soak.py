@@ -1,6 +1,6 @@
 """benchmarks/soak.py: a short soak passes every check, and a weight left changed is caught.
 
-The long runs (3,000 trials, and a 100,000-trial run stopped at 61,674) are in docs/BENCHMARKS.md;
+The long runs (3,000 trials, and 100,000 finished by --resume) are in docs/BENCHMARKS.md;
 this is the same code on 2,000 trials.
 """
 

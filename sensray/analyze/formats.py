@@ -174,8 +174,8 @@ def markdown(spec: dict, stats: pl.DataFrame, lines: list[str], compared: int, t
     rows = [f"| {r['format']} | {r['role']} | {r['n']} | {r['catastrophic']} ({r['share']:.1%}) | "
             f"{r['ci_low']:.1%}-{r['ci_high']:.1%} | {r['median']:.4g} | {r['q25']:.4g}-{r['q75']:.4g} | "
             f"{r['worst']:.4g} |" for r in stats.iter_rows(named=True)]
-    formats = ", ".join(f"{name} ({', '.join(f'{k}: {v}' for k, v in keys.items()) or 'the study model'})"
-                        for name, keys in spec["formats"].items())
+    formats = ", ".join(f"{name} ({', '.join(f'{k}: {v}' for k, v in keys.items() if v is not None) or 'the study model'})"
+                        for name, keys in spec["formats"].items())  # spec.yaml lists every key, unset ones as null
     return "\n".join([
         f"# {spec['name']}: one flipped bit per trial, the same weights in every format", "",
         f"Formats: {formats}. Catastrophic: ppl above {threshold:g}x the format's own baseline, or non-finite. "
