@@ -42,9 +42,11 @@ def pruned(tmp_path_factory) -> Path:
 
 
 def evaluate(out: Path, *args) -> Path:
+    before = set((out / "evaluate").iterdir()) if (out / "evaluate").is_dir() else set()
     assert main(["evaluate", *map(str, args), "--tasks", "sensray-pydoc-choice", "--limit", "4",
                  "--set", "data.num_sequences=4", "--output-dir", str(out)]) == 0
-    return max((out / "evaluate").iterdir())  # run ids sort by time: the newest
+    (new,) = set((out / "evaluate").iterdir()) - before  # not the newest by name: two runs can share a second
+    return new
 
 
 @pytest.fixture(scope="module")

@@ -97,9 +97,12 @@ class Sweep(Stage):
         where = ["--executor", self._executor(ctx)] + (["--address", ctx.spec.address] if ctx.spec.address else [])
         partial = [run for run in sorted((ctx.dir / spec.name).glob("*/spec.yaml"))
                    if not (run.parent / "trials.parquet").is_file()]
-        argv = ["--resume", str(partial[-1].parent), *where] if ctx.resume and partial else [str(path), *where]
+        resumed = partial[-1].parent if ctx.resume and partial else None
+        argv = ["--resume", str(resumed), *where] if resumed else [str(path), *where]
+        before = set((ctx.dir / spec.name).glob("*/"))
         ctx.call("sweep", argv)
-        run = sorted((ctx.dir / spec.name).glob("*/trials.parquet"))[-1].parent
+        # The run this call made (or finished): not the last by name, since run ids made in one second sort at random.
+        run = resumed or next(iter(set((ctx.dir / spec.name).glob("*/")) - before))
         return StageResult(run, sweep_summary(run), shell(["sensray", "sweep", *argv]))
 
     def _executor(self, ctx: StageContext) -> str:
