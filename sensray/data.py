@@ -107,3 +107,9 @@ def eval_batches(spec: DataSpec, tokenizer) -> list[torch.Tensor]:
     """The evaluation batches: (batch_size, seq_len) each, the last one possibly smaller."""
     windows = token_windows(tokenizer, load_text(spec), spec.seq_len, spec.max_sequences)
     return list(windows.split(spec.batch_size))
+
+
+def batches_text(tokenizer, batches: list[torch.Tensor]) -> str:
+    """The text of the eval batches, decoded back: what lm-eval's `sensray-data-ppl` task scores, so its
+    rolling perplexity reads the very windows sensray's own ppl does."""
+    return tokenizer.decode(torch.cat([b.flatten().cpu() for b in batches]).tolist())

@@ -17,7 +17,7 @@ import torch
 
 from sensray.checksum import weights_checksum
 from sensray.committed import apply_changes
-from sensray.data import eval_batches
+from sensray.data import batches_text, eval_batches
 from sensray.early_stop import RungCheck, rung_batches
 from sensray.errors import RestoreError
 from sensray.metrics import Scores, evaluate, reference
@@ -127,9 +127,9 @@ class Replica:
     def _task_scorer(self, tokenizer):
         from sensray.tasks import TaskScorer
 
-        text = tokenizer.decode(torch.cat([b.flatten() for b in self.batches]).tolist())  # sensray-data-ppl's text
         e = self.spec.eval
-        return TaskScorer(self.model, tokenizer, e.tasks, e.limit, e.batch_size, e.bootstrap_iters, text)
+        return TaskScorer(self.model, tokenizer, e.tasks, e.limit, e.batch_size, e.bootstrap_iters,
+                          batches_text(tokenizer, self.batches))
 
     def _tasks(self, trial: Trial, scores: Scores, edits):
         """lm-eval task scores of the perturbed model, for a trial the spec selects (not one stopped early).

@@ -22,7 +22,6 @@ from typing import Any, Optional
 
 import torch
 import yaml
-
 from pydantic import Field
 
 from sensray.errors import SpecError
@@ -65,10 +64,13 @@ class Evaluate(Stage):
 
 @dataclass(frozen=True)
 class Scoring:
-    """The lm-eval tasks scored on every model (none: the metrics only)."""
+    """The lm-eval tasks scored on every model (none: the metrics only), with the tokenizer every model shares
+    (_measure checks it) and the eval windows' text that `sensray-data-ppl` reads: both made once per stage."""
 
     tasks: list[str]
     limit: int | None
+    tokenizer: Any = None
+    text: str | None = None
 
 
 def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dict[str, str], out: str,
@@ -84,6 +86,12 @@ def evaluate_models(model: dict, data: dict, sources: dict[str, str], kinds: dic
                           reuse={"prefix": False}, output_dir=str(out.parent))
     replica = Replica(spec)
     scoring = Scoring(list(tasks), limit)
+    if scoring.tasks:
+        from sensray.data import batches_text
+        from sensray.models import load_tokenizer
+
+        tokenizer = load_tokenizer(dense_spec)
+        scoring = Scoring(scoring.tasks, limit, tokenizer, batches_text(tokenizer, replica.batches))
     rows = {DENSE: _row(DENSE, dense_spec.name, kinds.get(DENSE, "dense"), replica, replica.model, scoring)}
     replica.model = None  # only the reference predictions are needed from here on: one model resident at a time
     for label, source in sources.items():
@@ -132,21 +140,18 @@ def _row(label: str, source: str, kind: str, replica, model, scoring: Scoring, e
         row |= {"ppl": scores.ppl, "nll": scores.nll, "delta_ppl": scores.ppl / replica.baseline.ppl,
                 "kl": scores.kl, "top1_agreement": scores.top1_agreement, "nonfinite": scores.nonfinite,
                 "tokens": scores.tokens, "sparsity": _sparsity(model)}
-        row |= _task_columns(model, replica, scoring)
+        row |= _task_columns(model, scoring)
     return row | {"seconds": time.perf_counter() - start, "replica": "local-0", "error": error}
 
 
-def _task_columns(model, replica, scoring: Scoring) -> dict[str, Any]:
-    """lm-eval scores of `model` on the stage's tasks (nothing when it lists none), on the eval text's tokenizer."""
+def _task_columns(model, scoring: Scoring) -> dict[str, Any]:
+    """lm-eval scores of `model` on the stage's tasks (nothing when it lists none)."""
     if not scoring.tasks:
         return {}
-    from sensray.models import load_tokenizer
     from sensray.results import TASK_SECONDS
     from sensray.tasks import TaskScorer
 
-    tokenizer = load_tokenizer(replica.spec.model)  # the same tokenizer for every model: _measure checked it
-    text = tokenizer.decode(torch.cat([b.flatten() for b in replica.batches]).tolist())  # sensray-data-ppl's text
-    result = TaskScorer(model, tokenizer, scoring.tasks, scoring.limit, data_text=text).score()
+    result = TaskScorer(model, scoring.tokenizer, scoring.tasks, scoring.limit, data_text=scoring.text).score()
     return result.columns | {TASK_SECONDS: result.seconds}
 
 
