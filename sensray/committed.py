@@ -1,7 +1,7 @@
 """Committed state: changes a replica keeps across trials (an attack's accepted bit flips).
 
 A replica's state is its loaded weights plus an ordered list of committed changes. A change is one
-element's raw bits, recorded exactly as a trial's provenance records it (the `changes` column of the
+element's raw bits (a float's, or on a quantized model a code's or a statistic's), recorded exactly as a trial's provenance records it (the `changes` column of the
 trial table: tensor, index, coords, bit, old, new, old_bits, new_bits), so the row that measured a
 candidate flip is also the record that commits it:
 
@@ -68,30 +68,37 @@ def committed(model: nn.Module, changes: list[Change]) -> Iterator[None]:
                                f"(checksum {before} -> {after})")
 
 
-def live_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    """The live tensor (a parameter's data, or a fused q/k/v view of it) a canonical or raw name names."""
+def _elements(model: nn.Module, name: str):
+    """The elements (sensray.quantized.elements) a canonical or raw name names: a parameter's data, a fused
+    q/k/v view of it, a quantized weight's codes or one of its statistics."""
+    from sensray.quantized.elements import elements_of
+
     try:
         refs = [ref for ref in select(model, name).tensors if ref.name == name]
     except TargetError as err:
         raise RestoreError(f"committed change on {name!r}: {err}") from None
     if len(refs) != 1:
         raise RestoreError(f"committed change on {name!r}: not the name of one tensor of this model")
-    return refs[0].resolve(model)
+    return elements_of(model, refs[0])
 
 
 def _write(model: nn.Module, change: Change, expect: str, put: str) -> None:
-    tensor = live_tensor(model, change["tensor"])
-    raw = as_bits(tensor)
+    """One element's bits: found in its storage unit (a float, an int8 code, a nibble of a byte), checked
+    against `expect`, replaced by `put`."""
+    el = _elements(model, change["tensor"])
+    if not 0 <= change["index"] < el.numel:
+        raise RestoreError(f"committed change {_where(change)}: index outside a tensor of {el.numel} elements")
+    units, shifts = el.locate(np.array([change["index"]]), np.array([0]))
+    raw = as_bits(el.storage)
     width = torch.iinfo(raw.dtype).bits
-    if not 0 <= change["index"] < tensor.numel():
-        raise RestoreError(f"committed change {_where(change)}: index outside a tensor of {tensor.numel()} elements")
-    index = tuple(int(c) for c in np.unravel_index(change["index"], tuple(tensor.shape)))
-    found = int(raw[index]) & ((1 << width) - 1)
+    where = tuple(int(c) for c in np.unravel_index(int(units[0]), tuple(raw.shape)))
+    unit, shift, mask = int(raw[where]) & ((1 << width) - 1), int(shifts[0]), (1 << el.width) - 1
+    found = (unit >> shift) & mask
     if found != change[expect]:
         raise RestoreError(f"committed change {_where(change)}: expected bits 0x{change[expect]:x}, found "
                            f"0x{found:x}: these are not the weights the change was recorded on")
-    bits = change[put]
-    raw[index] = bits - (1 << width) if bits >= 1 << (width - 1) else bits  # as a signed int of that width
+    unit = unit & ~(mask << shift) | change[put] << shift
+    raw[where] = unit - (1 << width) if raw.dtype.is_signed and unit >= 1 << (width - 1) else unit
 
 
 def _where(change: Change) -> str:

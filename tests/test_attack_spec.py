@@ -101,25 +101,19 @@ def test_dry_run_refuses_what_no_search_could_run(overrides, key, words, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_quantized_model_is_a_clear_error_for_gradients():
-    from sensray.saliency.gradients import require_float
+def test_integer_weights_sensray_cannot_differentiate_are_a_clear_error():
+    from sensray.saliency.gradients import require_gradients
     from sensray.spec import ModelSpec
 
-    class Quantized(torch.nn.Module):
+    class Quantized(torch.nn.Module):  # integer storage that is not bitsandbytes' (no dequantized weight known)
         def __init__(self):
             super().__init__()
             self.codes = torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
 
     with pytest.raises(SpecError) as caught:
-        require_float(Quantized(), ModelSpec())
-    assert "quantized" in caught.value.message and "float" in caught.value.message
-
-    class WithQuantization:  # the spec key the quantized-storage work adds
-        name, quantization = "sensray-tiny", "int8"
-
-    with pytest.raises(SpecError) as caught:
-        require_float(torch.nn.Linear(2, 2), WithQuantization())
-    assert caught.value.path == "model.quantization"
+        require_gradients(Quantized(), ModelSpec())
+    assert caught.value.path == "model.name" and "codes as int8" in caught.value.message
+    require_gradients(torch.nn.Linear(2, 2), ModelSpec())  # float weights: nothing to say
 
 
 def test_dry_run_prints_the_search(capsys, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sensray.perturbations import PERTURBATIONS
-from sensray.saliency.flips import Chunk, best_flips, bits_of, flipped, predicted
+from sensray.saliency.flips import best_flips, flipped, float_space, predicted
 from sensray.saliency.gradients import backward_pass, naive_gradients, parameters, token_loss
 from sensray.saliency.measure import measure, windows_of
 from sensray.saliency.probes import Probes
@@ -119,7 +119,7 @@ def test_a_flipped_value_is_exactly_what_the_bitflip_kind_writes(dtype):
     model = tiny_model("llama", seed=3).eval().to(dtype)
     kind = PERTURBATIONS.get("bitflip")
     weight = model.model.layers[0].mlp.up_proj.weight.data
-    for bit in bits_of(dtype, "any"):
+    for bit in float_space("w", weight, weight).bits("any"):
         expected = flipped(weight, bit)[5, 7]
         edits = kind.apply(model, kind.parse({"target": "blocks.0.mlp.up.weight", "bit": bit, "coords": [[5, 7]]}))
         written = weight[5, 7].clone()
@@ -131,21 +131,23 @@ def test_a_flipped_value_is_exactly_what_the_bitflip_kind_writes(dtype):
 def test_predicted_flip_damage_is_g_times_the_step_and_inf_when_the_weight_breaks():
     w = torch.tensor([1.5, -0.25, 0.0], dtype=torch.float32)
     g = torch.tensor([2.0, 0.5, 1.0])
-    change, new = predicted(Chunk.of(w, g), 30)  # exponent MSB: 1.5 -> inf-or-NaN, -0.25 -> -0.25 * 2^128
+    [chunk] = float_space("w", w, g).chunks()
+    change, new = predicted(chunk, 30)  # exponent MSB: 1.5 -> inf-or-NaN, -0.25 -> -0.25 * 2^128
     assert math.isinf(change[0]) and change[0] > 0
     assert change[1].item() == pytest.approx(0.5 * (-0.25 * 2.0**128 + 0.25), rel=1e-12)
-    change, _ = predicted(Chunk.of(w, g), 30, finite_only=True)
+    change, _ = predicted(chunk, 30, finite_only=True)
     assert change[0] == -math.inf  # never chosen
     # Mantissa MSB: 1.5 -> 1.0 and -0.25 -> -0.375 move against their gradient's sign (they would lower the
     # loss): not offered. Only 0.0 -> 5.9e-39 raises it.
-    top = best_flips(w, g, (22,), k=3)
+    top = best_flips(float_space("w", w, g), (22,), k=3)
     assert [row["index"] for row in top.rows()] == [2] and top.rows()[0]["predicted"] > 0
 
 
 def test_excluded_flips_are_never_offered(model):
     w, g = model.model.norm.weight.detach(), torch.linspace(-1, 1, 64)
-    first = best_flips(w, g, (22,), k=1).rows()[0]
-    again = best_flips(w, g, (22,), k=1, exclude={(first["index"], first["bit"])}).rows()[0]
+    space = float_space("blocks.norm.weight", w, g)
+    first = best_flips(space, (22,), k=1).rows()[0]
+    again = best_flips(space, (22,), k=1, exclude={(first["index"], first["bit"])}).rows()[0]
     assert (again["index"], again["bit"]) != (first["index"], first["bit"])
 
 

@@ -3,9 +3,10 @@
     meta = check_attack(spec, replicas_here=True)      # SpecError naming the spec key, exit 2
 
 Beyond the spec's own validation (a budget of 0, a ppl target at or below the clean model's, a top-1
-level that can never be crossed): the weights must be floats (gradients; quantized storage is not
-supported yet), the target must resolve on the model's structure (a meta model: no weights), the
-field or bit must exist in the weights' dtype (else there is no candidate bit), the random baseline's
+level that can never be crossed): the weights must have gradients (floats, or bitsandbytes' quantized
+storage, differentiated through its dequantized weight: sensray.quantized.gradients), the target must
+resolve on the model's structure (a meta model: no weights), the field or bit must exist in some
+selected tensor's storage (else there is no candidate bit), the random baseline's
 largest count must be drawable, every text must fit the context and, with replicas on this machine,
 tokenize into enough windows; the output directory must be creatable (sensray.preflight).
 """
@@ -26,14 +27,14 @@ def check_attack(spec: AttackSpec, replicas_here: bool, run: Path | None = None)
     from sensray.models import meta_model
     from sensray.plan import make_plan
     from sensray.preflight import preflight
-    from sensray.saliency.gradients import require_float
+    from sensray.saliency.gradients import require_gradients
 
     trials = spec.trials()
     try:
         meta = meta_model(spec.model)
     except SensrayError as err:
         raise SpecError("model.name", str(err).removeprefix("model.name: ")) from None
-    require_float(meta, spec.model)
+    require_gradients(meta, spec.model)
     try:
         make_plan(trials, meta)  # the target resolves; the field or bit exists in these weights
     except SpecError as err:
@@ -88,7 +89,7 @@ def describe(spec: AttackSpec, meta) -> str:
     utility = (f"\n  utility: ppl on {spec.utility.data.corpus} within +{spec.utility.max_increase:.1%}"
                if spec.utility else "")
     counts = spec.random_counts()
-    return (f"{spec.name}: progressive bit search on {spec.model.name} [{spec.model.dtype}]\n"
+    return (f"{spec.name}: progressive bit search on {spec.model.name} [{spec.model.storage}]\n"
             f"  flips: {spec.attack.restriction} in {spec.attack.target!r} ({len(tensors)} tensors); "
             f"{spec.attack.per_tensor} per tensor ranked, {spec.attack.evaluate} evaluated exactly per step\n"
             f"  stop: {', '.join(rules)}{utility}\n"

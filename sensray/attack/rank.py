@@ -7,7 +7,9 @@
 One backward pass of the attack text's mean NLL (sensray.saliency.gradients: each gradient consumed
 by a hook and freed). In every selected tensor, each allowed bit of each element is scored by its
 predicted loss increase g * (w_flipped - w) (sensray.saliency.flips: only flips whose direction
-agrees with the gradient's sign score above zero, BFA's rule); the `per_tensor` best of each tensor
+agrees with the gradient's sign score above zero, BFA's rule). A quantized weight's codes and its
+statistics (scales, and with double quantization their codes, scales, offset and table) are tensors of
+their own, each bit scored through the chain rule (sensray.quantized.gradients). The `per_tensor` best of each tensor
 are BFA's in-layer search, the `evaluate` best of those overall go to the exact evaluation (the
 cross-layer search), which the driver runs as ordinary bitflip trials on the replica pool.
 """
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 
 from sensray.architectures import TensorRef
-from sensray.saliency.flips import best_flips, bits_of
-from sensray.saliency.gradients import backward_pass, parameters
+from sensray.quantized.gradients import spaces_of
+from sensray.saliency.flips import best_flips
+from sensray.saliency.gradients import backward_pass
 from sensray.targets import select
 
 
@@ -35,13 +38,18 @@ def rank(model: nn.Module, batches: list[torch.Tensor], request: dict[str, Any])
     found: list[dict[str, Any]] = []
 
     def consume(name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        for ref in refs.get(name, ()):
-            w, g = _view(ref, weight), _view(ref, grad)
-            bits = bits_of(w.dtype, request.get("field"), request.get("bit"))
-            top = best_flips(w.reshape(-1), g.reshape(-1), bits, request["per_tensor"],
-                             request.get("finite_only", False), exclude.get(ref.name, set()))
+        if name not in refs:
+            return
+        spaces = spaces_of(model, name, weight, grad, refs[name])
+        for ref in refs[name]:
+            space = spaces[ref.name]
+            bits = space.bits(request.get("field"), request.get("bit"))
+            if not bits:  # a field this storage lacks (mantissa of int8 codes): other tensors have it
+                continue
+            top = best_flips(space, bits, request["per_tensor"], request.get("finite_only", False),
+                             exclude.get(ref.name, set()))
             for row in top.rows():
-                coords = [int(c) for c in np.unravel_index(row["index"], tuple(w.shape))]
+                coords = [int(c) for c in np.unravel_index(row["index"], space.shape)]
                 found.append({"tensor": ref.name, **row, "coords": coords})
 
     backward_pass(model, batches, consume, request.get("checkpoint", False))
@@ -50,15 +58,9 @@ def rank(model: nn.Module, batches: list[torch.Tensor], request: dict[str, Any])
 
 
 def _refs_by_parameter(model: nn.Module, target: str) -> dict[str, list[TensorRef]]:
-    """parameter name (as backward_pass names it) -> the selected tensors (or views) stored in it."""
-    chosen = select(model, target).tensors
-    out: dict[str, list[TensorRef]] = {}
-    for name, param in parameters(model):
-        mine = [ref for ref in chosen if model.get_parameter(ref.param) is param]
-        if mine:
-            out[name] = mine
-    return out
-
-
-def _view(ref: TensorRef, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if ref.select is None else ref.select(tensor)
+    """parameter name (as backward_pass names it) -> the selected tensors (views, statistics) stored in it."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    out: dict[str, list[TensorRef]] = defaultdict(list)
+    for ref in select(model, target).tensors:
+        out[names[id(model.get_parameter(ref.param))]].append(ref)
+    return dict(out)

@@ -37,7 +37,7 @@ def finish(run: AttackRun, summary: dict) -> None:
         rows = run.journal_rows(name)
         if rows:
             to_frame(rows).write_parquet(run.path / f"{name}.parquet")
-    context = f"{spec.model.name} [{spec.model.dtype}], {allowed(spec)} in {spec.attack.target}"
+    context = f"{spec.model.name} [{spec.model.storage}], {allowed(spec)} in {spec.attack.target}"
     random = run.journal_rows("random")
     figure = save(damage_figure(flips, random, spec.stop.ppl_ratio, context), run.path / "damage")[0]
     doc = document(spec, baseline, summary, flips, random, figure)
@@ -100,7 +100,7 @@ def _finite(v) -> bool:
 
 def document(spec, baseline: dict, summary: dict, flips: list[dict], random: list[dict],
              figure: Path) -> render.Document:
-    doc = render.Document(f"Bit-flip attack on {spec.model.name} [{spec.model.dtype}]")
+    doc = render.Document(f"Bit-flip attack on {spec.model.name} [{spec.model.storage}]")
     reach = ", ".join(f"{k}: {v if v is not None else 'not reached'}" for k, v in summary["flips_to"].items())
     doc.add(render.Para(f"{summary['stop_reason'].capitalize()}. Flips allowed: {allowed(spec)} in "
                         f"`{spec.attack.target}`; clean ppl {value(baseline['ppl'])} on {baseline['tokens']:,} "

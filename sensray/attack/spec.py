@@ -4,11 +4,11 @@ Read like an experiment spec (sensray.safe_yaml, strict frozen pydantic models, 
 with their key path, `--set` overrides applied to the raw mapping first):
 
     name: attack-bitflip
-    model: {name: sensray-tiny, dtype: float32}
+    model: {name: sensray-tiny, dtype: float32}   # or quantization: int8 / nf4: flips in codes and scales
     data: {corpus: bundled, seq_len: 128, num_sequences: 16}   # the text to break: candidates measured on it
     attack:
       target: "**"            # which tensors may be flipped (a target pattern: "blocks.0-3.**", "blocks.*.mlp.*")
-      field: mantissa         # or any / sign / exponent / exponent_msb, or bit: 22
+      field: mantissa         # or any / sign / exponent / exponent_msb / magnitude / magnitude_msb, or bit: 22
       per_tensor: 1           # candidates ranked per tensor (BFA's in-layer search)
       evaluate: 16            # of those, the best-predicted evaluated exactly per step (BFA's cross-layer search)
     stop: {max_flips: 50, ppl_ratio: 100}
@@ -19,7 +19,7 @@ with their key path, `--set` overrides applied to the raw mapping first):
     resources: {cpus: 1, replicas: 2}
 
 `check_attack(spec)` (what --dry-run runs) adds what needs the model's structure: the target resolves,
-the field or bit exists in the weights' dtype, the weights are floats (gradients), the windows fit.
+the field or bit exists in the weights' storage, the weights have gradients, the windows fit.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     sensray saliency --model sensray-tiny                                  # map of the bundled eval text
     sensray saliency --model sensray-tiny --dtype bfloat16 --corpus notes/eval.txt --num-sequences 32
+    sensray saliency --model sensray-tiny --quantization nf4 --double-quant   # codes, scales and their bits
     sensray saliency --check results/noise/<run> --check results/ablation/<run> --check results/bitflip/<run>
     sensray saliency --model llama-2-7b --dtype bfloat16 --checkpoint --dry-run
 
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="alias (sensray list models), HF id or local directory (default: sensray-tiny, "
                                    "or the --check run's)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weight dtype (default float32)")
+    p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"],
+                   help="load through bitsandbytes and score the dequantized weights, their codes and scales "
+                        "(default none)")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales again (QLoRA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model")
     p.add_argument("--corpus", help="eval or calibration text: bundled, bundled-train, a .txt/.jsonl file or "

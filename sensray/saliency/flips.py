@@ -1,7 +1,8 @@
 """What flipping one bit of every element would do, and the first-order loss change it predicts.
 
     new = flipped(w, 30)                            # every element of w with bit 30 flipped (w's dtype)
-    best = best_flips(w, g, bits_of(w.dtype, "exponent"), k=8)   # g * (w_flipped - w), the 8 largest increases
+    space = float_space("blocks.0.mlp.up.weight", w, g)          # or a quantized tensor's (its codes, scales)
+    best = best_flips(space, space.bits("exponent"), k=8)        # g * (w_flipped - w), the 8 largest increases
     best.rows()                                     # index, bit, old, new, grad, predicted
 
 A flip is an XOR of the integer view (as sensray.perturbations.bitflip does it), so the flipped value
@@ -18,7 +19,7 @@ Work is done in chunks of CHUNK elements, so a 7B embedding needs a few MiB at a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,48 +28,86 @@ from sensray.perturbations.bitflip import LAYOUTS
 from sensray.perturbations.edits import as_bits
 
 CHUNK = 2**22  # elements per step
-FIELDS = ("sign", "exponent_msb", "exponent", "mantissa")  # the bitflip kind's fields, reported separately
-
-
-def bits_of(dtype: torch.dtype, field_name: str | None = None, bit: int | None = None) -> tuple[int, ...]:
-    """The bit positions a flip restriction allows in `dtype` (a field of the bitflip kind, or one bit)."""
-    if bit is not None:
-        return (bit,) if bit < torch.finfo(dtype).bits else ()
-    return LAYOUTS[dtype][field_name or "any"]
+# The bitflip kind's fields, reported separately: a float's, then a quantized code's (int8, nf4, 8-bit scales)
+FIELDS = ("sign", "exponent_msb", "exponent", "mantissa", "magnitude_msb", "magnitude")
 
 
 def flipped(w: torch.Tensor, bit: int) -> torch.Tensor:
     """`w` with `bit` flipped in every element (a new tensor of w's dtype)."""
-    raw = as_bits(w)
-    width = torch.iinfo(raw.dtype).bits
-    mask = (1 << bit) - (1 << width) if bit == width - 1 else 1 << bit  # the sign bit as a signed int
-    return (raw ^ mask).view(w.dtype)
+    return _xor(as_bits(w), bit).view(w.dtype)
+
+
+@dataclass
+class FlipSpace:
+    """A tensor's elements as flip candidates: the bits that store them, their values and d loss / d value.
+
+    A float tensor stores each element in its own bits (`float_space`); quantized codes and statistics
+    (sensray.quantized.gradients) store them as codes that a table and scales decode. Either way element i
+    is `raw[i]`, worth `value(slice, raw[slice])[i - start]`, with gradient `grad[i]`.
+    """
+
+    name: str  # the canonical tensor
+    format: str  # how its elements are stored: a dtype name, "int8", "nf4", "fp4", "index8"
+    shape: tuple[int, ...]  # the logical elements (a flat index is into these)
+    fields: dict[str, tuple[int, ...]]  # bitflip field -> its bit positions in this format
+    raw: torch.Tensor  # flat: one integer per element holding its bits
+    grad: torch.Tensor  # flat d loss / d value (any float dtype; widened a chunk at a time)
+    value: Callable[[slice, torch.Tensor], torch.Tensor]  # (elements, their raw bits) -> values, float64
+    statistic: bool = False  # a quantization statistic (a scale, a table), not a weight
+
+    @property
+    def numel(self) -> int:
+        return len(self.raw)
+
+    def bits(self, field_name: str | None = None, bit: int | None = None) -> tuple[int, ...]:
+        """The bit positions a flip restriction allows here (a field this format lacks: none)."""
+        if bit is not None:
+            return (bit,) if bit in self.fields["any"] else ()
+        return self.fields.get(field_name or "any", ())
+
+    def chunks(self) -> Iterator["Chunk"]:
+        for start in range(0, self.numel, CHUNK):
+            where = slice(start, min(start + CHUNK, self.numel))
+            raw = self.raw[where]
+            yield Chunk(self, where, raw, self.value(where, raw), self.grad[where].double())
+
+
+def float_space(name: str, w: torch.Tensor, g: torch.Tensor, statistic: bool = False) -> FlipSpace:
+    """A float tensor (or view) with its gradient: bit b of element i is bit b of its IEEE value."""
+    dtype = w.dtype
+    return FlipSpace(name, str(dtype).removeprefix("torch."), tuple(w.shape), LAYOUTS[dtype],
+                     as_bits(w.reshape(-1)), g.reshape(-1), lambda where, raw: raw.view(dtype).double(), statistic)
 
 
 @dataclass
 class Chunk:
-    """Part of a flat tensor and its gradient, widened to float64 once for all its bits."""
+    """Consecutive elements of a FlipSpace, their values and gradients widened to float64 once for all bits."""
 
-    w: torch.Tensor  # the weights' own dtype: what gets flipped
-    wide: torch.Tensor  # w as float64
-    g: torch.Tensor  # the gradient as float64
-    offset: int = 0  # flat index of its first element
+    space: FlipSpace
+    where: slice
+    raw: torch.Tensor
+    wide: torch.Tensor  # the values, float64
+    g: torch.Tensor  # the gradient, float64
 
-    @classmethod
-    def of(cls, w: torch.Tensor, g: torch.Tensor, offset: int = 0) -> "Chunk":
-        return cls(w, w.double(), g.double(), offset)
+    @property
+    def offset(self) -> int:
+        return self.where.start
+
+    def flipped(self, bit: int) -> torch.Tensor:
+        """The values with `bit` flipped in every element, float64."""
+        return self.space.value(self.where, _xor(self.raw, bit))
 
 
-def chunks(w: torch.Tensor, g: torch.Tensor) -> Iterator[Chunk]:
-    for start in range(0, w.numel(), CHUNK):
-        yield Chunk.of(w[start: start + CHUNK], g[start: start + CHUNK], start)
+def _xor(raw: torch.Tensor, bit: int) -> torch.Tensor:
+    signed = raw.dtype.is_signed and bit == torch.iinfo(raw.dtype).bits - 1
+    return raw ^ ((1 << bit) - (1 << (bit + 1)) if signed else 1 << bit)  # a signed type's top bit is negative
 
 
 def predicted(chunk: Chunk, bit: int, finite_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted loss change g * (new - old), new values), float64, for flipping `bit` of every element.
     A non-finite new value predicts +inf (or -inf, never chosen, with `finite_only`); a finite one a finite
     change, so g = 0 never meets an infinite step."""
-    new = flipped(chunk.w, bit).double()
+    new = chunk.flipped(bit)
     change = chunk.g * (new - chunk.wide)
     broken = torch.tensor(-np.inf if finite_only else np.inf, dtype=torch.float64, device=new.device)
     return torch.where(torch.isfinite(new), change, broken), new
@@ -121,12 +160,12 @@ class TopFlips:
                 zip(self.score, self.index, self.bit, self.old, self.new, self.grad)]
 
 
-def best_flips(w: torch.Tensor, g: torch.Tensor, bits: tuple[int, ...], k: int, finite_only: bool = False,
+def best_flips(space: FlipSpace, bits: tuple[int, ...], k: int, finite_only: bool = False,
                exclude: set[tuple[int, int]] = frozenset()) -> TopFlips:
-    """The k flips among `bits` of flat `w` with the largest predicted loss increase (chunked).
+    """The k flips among `bits` of `space` with the largest predicted loss increase (chunked).
     `exclude`: (flat index, bit) pairs never to choose (e.g. flips already committed)."""
     top = TopFlips(k + len(exclude))
-    for chunk in chunks(w, g):
+    for chunk in space.chunks():
         for bit in bits:
             top.add(offer(chunk, bit, top.k, finite_only))
     if exclude:

@@ -15,6 +15,10 @@ the mean NLL over every token, exactly what `sensray.metrics` reports as `nll`. 
 are alive together; `checkpoint=True` keeps only each decoder block's input and recomputes the
 block during the backward (torch.utils.checkpoint), for large texts on large models.
 
+Quantized weights (bitsandbytes int8, nf4, fp4) have integer codes and no gradient of their own: each
+gets a ghost leaf of its dequantized shape (sensray.quantized.gradients) whose gradient is dL/dW, handed
+to `consume` with the dequantized weight under the weight's name, exactly like a float parameter's.
+
 `naive_gradients` is the ordinary way (backward per batch, `.grad` accumulated and kept): the
 benchmark and the tests compare its memory and its scores with this one's.
 """
@@ -36,8 +40,8 @@ Consumer = Callable[[str, torch.Tensor, torch.Tensor], None]  # (parameter name,
 
 
 def parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Each parameter once (tied embeddings: under their first name), in the model's order."""
-    return list(model.named_parameters(remove_duplicate=True))
+    """Each float parameter once (tied embeddings: under their first name), in the model's order."""
+    return [(name, p) for name, p in model.named_parameters(remove_duplicate=True) if p.dtype.is_floating_point]
 
 
 def token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,8 @@ def backward_pass(model: nn.Module, batches: list[torch.Tensor], consume: Consum
         for name, param in named:
             param.requires_grad_(True)
             handles.append(param.register_post_accumulate_grad_hook(_hand_over(name, consume)))
-        with torch.enable_grad(), _checkpointed(model) if checkpoint else contextlib.nullcontext():
+        with torch.enable_grad(), _quantized(model, consume), \
+                _checkpointed(model) if checkpoint else contextlib.nullcontext():
             tokens = sum(batch[:, 1:].numel() for batch in batches)
             loss = torch.stack([token_loss(model, batch) for batch in batches]).sum() / tokens
             loss.backward()
@@ -69,12 +74,31 @@ def backward_pass(model: nn.Module, batches: list[torch.Tensor], consume: Consum
             param.requires_grad_(flag)
 
 
-def _hand_over(name: str, consume: Consumer) -> Callable[[nn.Parameter], None]:
+def _hand_over(name: str, consume: Consumer, weight: Callable[[], torch.Tensor] | None = None
+               ) -> Callable[[nn.Parameter], None]:
     def hook(param: nn.Parameter) -> None:
-        consume(name, param.detach(), param.grad)
+        consume(name, param.detach() if weight is None else weight(), param.grad)
         param.grad = None  # the gradient is spent: free it before the next one is made
 
     return hook
+
+
+@contextlib.contextmanager
+def _quantized(model: nn.Module, consume: Consumer) -> Iterator[None]:
+    """Quantized weights (bitsandbytes) get their gradient through a ghost leaf each
+    (sensray.quantized.gradients); `consume` sees the dequantized weight and dL/dW under the weight's name."""
+    from sensray.quantized.storage import is_quantized, quantized_weights
+
+    if not is_quantized(model):
+        yield
+        return
+    from sensray.quantized.gradients import dequantized, taps
+
+    modules = quantized_weights(model)
+    with taps(model) as ghosts:  # the ghosts (and their hooks) are dropped when it ends
+        for name, ghost in ghosts.items():
+            ghost.register_post_accumulate_grad_hook(_hand_over(name, consume, lambda m=modules[name]: dequantized(m)))
+        yield
 
 
 def naive_gradients(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,16 +138,19 @@ def _checkpointed(model: nn.Module) -> Iterator[None]:
                 block.forward = own
 
 
-def require_float(model: nn.Module, model_spec, key: str = "model") -> None:
-    """Gradients need float weights: a quantized model (codes and scales) is a clear error, not a crash."""
+def require_gradients(model: nn.Module, model_spec, key: str = "model") -> None:
+    """Gradients need float weights or bitsandbytes' quantized storage (differentiated through its dequantized
+    weight); integer weights of any other kind are a clear error, not a crash."""
     from sensray.errors import SpecError
+    from sensray.quantized.storage import quantized_weights
 
-    quantization = getattr(model_spec, "quantization", None)  # the quantized-storage spec key, where it exists
-    if quantization not in (None, "none"):
-        raise SpecError(f"{key}.quantization", f"{quantization!r}: gradients of quantized storage are not supported "
-                                               "yet (integer codes have no gradient); use a float dtype "
-                                               "(float32, bfloat16, float16)")
-    codes = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
-    if codes or getattr(model, "is_quantized", False):
-        raise SpecError(f"{key}.name", f"{model_spec.name!r} is quantized ({codes[0] if codes else 'is_quantized'}): "
-                                       "gradients need float weights; load it in a float dtype")
+    known = quantized_weights(model)
+    codes = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point and name not in known]
+    if codes:
+        raise SpecError(f"{key}.name", f"{model_spec.name!r} stores {codes[0]} as {_dtype(model, codes[0])}, which "
+                                       "sensray cannot differentiate; load it in a float dtype or with "
+                                       "model.quantization (bitsandbytes)")
+
+
+def _dtype(model: nn.Module, name: str) -> str:
+    return str(model.get_parameter(name).dtype).removeprefix("torch.")

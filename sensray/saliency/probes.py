@@ -10,7 +10,8 @@ A trial changes weights by some Delta. The loss change it predicts to second ord
     second = 1/2 sum F * Delta^2                 (F: the empirical Fisher diagonal, window passes)
 
 Delta is known without storing it: element edits (bit flips, `zero`) list every changed element in the
-row's `changes` (old and new values), and whole-tensor kinds are recomputed from their parameters
+row's `changes` (old and new values; on a quantized model the dequantized weight's, or a statistic's own
+value with its gradient by the chain rule, sensray.quantized.gradients), and whole-tensor kinds are recomputed from their parameters
 while each tensor's gradient passes through the hook: ablation `zero` (-w) and `mean` (the tensor's
 mean, rounded to its dtype, minus w), and `noise` (the draw regenerated from the trial's seed and the
 tensor's name exactly as sensray.perturbations.noise draws it). A non-finite Delta predicts +inf. Rows
@@ -90,9 +91,11 @@ class Probes:
 
     # -- consumers (called by sensray.saliency.scores.Scores) -------------------------------------------
 
-    def gradient(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+    def gradient(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor, spaces: dict | None = None) -> None:
+        """`spaces`: the flip spaces of this parameter's tensors (sensray.saliency.scores), for the gradient of a
+        quantized weight's statistics (a changed scale is an element of its own tensor)."""
         for ref, changes in self.elements.get(param_name, ()):
-            g = _view(ref, grad).reshape(-1)[torch.as_tensor(changes.index)].double().cpu().numpy()
+            g = _gradient_at(ref, grad, changes, spaces)
             np.add.at(self.first, changes.probe, _product(g, changes.delta))
             np.add.at(self.size, changes.probe, changes.delta ** 2)
         for i, ref, direction in self.directions.get(param_name, ()):
@@ -100,9 +103,12 @@ class Probes:
             self.first[i] += float((_view(ref, grad).double() * delta).sum())
             self.size[i] += float(delta.square().sum())
 
-    def fisher(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
-        for ref, changes in self.elements.get(param_name, ()):
-            g = _view(ref, grad).reshape(-1)[torch.as_tensor(changes.index)].double().cpu().numpy()
+    def fisher(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor, scale: float,
+               spaces: Callable[[], dict] = dict) -> None:
+        changed = self.elements.get(param_name, ())
+        known = spaces() if any(ref.part is not None for ref, _ in changed) else None
+        for ref, changes in changed:
+            g = _gradient_at(ref, grad, changes, known)
             np.add.at(self.second, changes.probe, 0.5 * scale * _product(g * g, changes.delta ** 2))
         for i, ref, direction in self.directions.get(param_name, ()):
             delta = direction(_view(ref, weight)).double()
@@ -123,6 +129,12 @@ class Probes:
 
 def _view(ref: TensorRef, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if ref.select is None else ref.select(tensor)
+
+
+def _gradient_at(ref: TensorRef, grad: torch.Tensor, changes: _Elements, spaces: dict | None) -> np.ndarray:
+    """d loss / d value at the changed elements: of the weight (view), or of a quantized statistic."""
+    flat = _view(ref, grad).reshape(-1) if ref.part is None else spaces[ref.name].grad
+    return flat[torch.as_tensor(changes.index, device=flat.device)].double().cpu().numpy()
 
 
 def _delta(change: dict[str, Any]) -> float:

@@ -27,9 +27,11 @@ def document(setup: dict, summary: dict, frames: dict[str, pl.DataFrame], figure
                         "order), `zero_predicted` = -sum g w + 1/2 sum F w^2 (zeroing the whole tensor, first + "
                         "second order, F the empirical Fisher diagonal), `flip_<field>` = the largest predicted "
                         "loss increase g (w' - w) of one flip in that bit field (inf: the flip makes the weight "
-                        "inf or NaN)."),
+                        "inf or NaN). A quantized weight is its dequantized value: g is dL/dW, its flips are flips "
+                        "of its codes, and `flip_statistics` the best flip in its scales (by the chain rule)."),
             _table(frames["tensors"].sort("taylor", descending=True).head(SHOWN),
-                   ["tensor", "taylor", "zero_predicted", "fisher", "flip_mantissa", "flip_exponent_msb"]),
+                   ["tensor", "dtype", "taylor", "zero_predicted", "fisher", "flip_mantissa", "flip_exponent_msb",
+                    "flip_magnitude_msb", "flip_statistics"]),
             render.Table.plain(_rounded(frames["modules"].select(
                 "module", "tensors", "numel", "taylor", "zero_predicted", *_present(frames["modules"], ["fisher"])))))
     if "heatmap" in figures:
@@ -55,7 +57,7 @@ def _cost(setup: dict, summary: dict) -> str:
     return (f"Cost: the gradient pass took {summary['gradient_seconds']:.2f} s and the Fisher passes "
             f"{summary['fisher_seconds']:.2f} s; peak memory rose {_mib(memory['above_start_bytes'])} above the "
             f"{_mib(memory['start_bytes'])} held before ({memory['how']}); a full gradient copy alone would be "
-            f"{_mib(setup['weight_bytes'])}.")
+            f"{_mib(setup.get('gradient_bytes', setup['weight_bytes']))}.")
 
 
 def _mib(n: int) -> str:

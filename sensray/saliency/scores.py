@@ -15,6 +15,11 @@ For a weight w with gradient g (of the mean NLL over all tokens):
     fisher_w2   F * w^2, so zero_second = fisher_w2 / 2 is the second-order term of zeroing w
     a flip      g * (w_flipped - w) for each bit (sensray.saliency.flips), the top ones per bitflip field
 
+A quantized weight (bitsandbytes) is scored as the dequantized weight it encodes: w and g are that
+weight and dL/dW (sensray.quantized.gradients). Its flips are flips of the stored codes, per field of
+their format (int8: sign, magnitude, magnitude_msb), and of every statistic (scales; with double
+quantization their codes, scales, offset and table), kept per statistic tensor.
+
 Nothing per element is kept but the top lists: per output row (dim 0; each element of a 1-D tensor)
 the sums, per tensor the `top_k` elements by Taylor score and the `top_k` flips per field.
 """
@@ -28,8 +33,8 @@ import torch
 from torch import nn
 
 from sensray.architectures import components
-from sensray.perturbations.bitflip import LAYOUTS
-from sensray.saliency.flips import FIELDS, TopFlips, chunks, offer
+from sensray.quantized.storage import format_of, quantized_weights
+from sensray.saliency.flips import FIELDS, FlipSpace, TopFlips, float_space, offer
 
 SUMS = ("taylor", "zero_first", "grad_sq", "fisher", "fisher_w2")  # per-row sums
 
@@ -66,10 +71,11 @@ class TensorScores:
     named: Named
     param: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # the storage: a float dtype's name, or a quantized format (int8, nf4, fp4)
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # per output row, float64
     top: dict[str, np.ndarray] = field(default_factory=dict)  # the top elements by Taylor score
     flips: dict[str, TopFlips] = field(default_factory=dict)  # per bitflip field
+    statistics: dict[str, dict[str, TopFlips]] = field(default_factory=dict)  # quantized: statistic -> field -> flips
 
     @property
     def rows(self) -> int:
@@ -87,6 +93,7 @@ class Scores:
     def __init__(self, model: nn.Module, top_k: int = 16, fields: tuple[str, ...] = FIELDS, probes=None):
         self.model, self.top_k, self.fields, self.probes = model, top_k, fields, probes
         self.names = canonical(model)
+        self.quantized = quantized_weights(model)  # weight name -> its bitsandbytes module
         self.order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=True))}
         self.tensors: dict[str, TensorScores] = {}
         self.windows = 0
@@ -97,9 +104,17 @@ class Scores:
 
     def _entry(self, param_name: str, weight: torch.Tensor) -> TensorScores:
         if param_name not in self.tensors:
-            named = self.names[id(self.model.get_parameter(param_name))]
-            self.tensors[param_name] = TensorScores(named, param_name, tuple(weight.shape), weight.dtype)
+            stored = self.model.get_parameter(param_name)
+            module = self.quantized.get(param_name)
+            dtype = format_of(module) if module is not None else str(stored.dtype).removeprefix("torch.")
+            self.tensors[param_name] = TensorScores(self.names[id(stored)], param_name, tuple(weight.shape), dtype)
         return self.tensors[param_name]
+
+    @property
+    def seen_fields(self) -> tuple[str, ...]:
+        """The bitflip fields some tensor's flips were kept for, in FIELDS' order."""
+        seen = {name for entry in self.tensors.values() for name in entry.flips}
+        return tuple(name for name in self.fields if name in seen)
 
     def gradient(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
         """Consumer of the main pass: Taylor sums, top elements, top flips per field."""
@@ -115,19 +130,31 @@ class Scores:
         entry.top = {"index": where.cpu().numpy(), "taylor": score.double().cpu().numpy(),
                      "weight": w.flatten()[where].double().cpu().numpy(),
                      "grad": g.flatten()[where].double().cpu().numpy()}
-        if weight.dtype in LAYOUTS:
-            entry.flips = self._flips(weight.flatten(), grad.flatten())
+        spaces = self._spaces(param_name, weight, grad)
+        own = entry.named.name
+        entry.flips = self._flips(spaces[own])
+        entry.statistics = {name: self._flips(space) for name, space in spaces.items() if name != own}
         if self.probes is not None:
-            self.probes.gradient(param_name, weight, grad)
+            self.probes.gradient(param_name, weight, grad, spaces)
 
-    def _flips(self, w: torch.Tensor, g: torch.Tensor) -> dict[str, TopFlips]:
-        layout = LAYOUTS[w.dtype]
-        tops = {name: TopFlips(self.top_k) for name in self.fields}
-        for chunk in chunks(w, g):
-            for bit in sorted({b for name in self.fields for b in layout[name]}):
+    def _spaces(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor) -> dict[str, FlipSpace]:
+        """The weight's own flip space (under its canonical name) and, quantized, its statistics'."""
+        module = self.quantized.get(param_name)
+        name = self._entry(param_name, weight).named.name
+        if module is None:
+            return {name: float_space(name, weight, grad)}
+        from sensray.quantized.gradients import code_spaces
+
+        return code_spaces(module, name, grad)
+
+    def _flips(self, space: FlipSpace) -> dict[str, TopFlips]:
+        fields = [name for name in self.fields if space.fields.get(name)]
+        tops = {name: TopFlips(self.top_k) for name in fields}
+        for chunk in space.chunks():
+            for bit in sorted({b for name in fields for b in space.fields[name]}):
                 offered = offer(chunk, bit, self.top_k)  # once per bit, for every field that holds it
-                for name in self.fields:
-                    if bit in layout[name]:
+                for name in fields:
+                    if bit in space.fields[name]:
                         tops[name].add(offered)
         return tops
 
@@ -142,6 +169,6 @@ class Scores:
             entry.add("fisher", fisher)
             entry.add("fisher_w2", fisher * weight.float().square())
             if self.probes is not None:
-                self.probes.fisher(param_name, weight, grad, scale)
+                self.probes.fisher(param_name, weight, grad, scale, lambda: self._spaces(param_name, weight, grad))
 
         return consume

@@ -44,15 +44,16 @@ class Setup:
         a = self.args
         if not self.runs:
             data = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in DEFAULT_DATA.items()}
-            return (ModelSpec(name=a.model or "sensray-tiny", dtype=a.dtype or "float32", device=a.device,
-                              trust_remote_code=a.trust_remote_code), _data(data))
+            return self._model(), _data(data)
         first = self.runs[0]
         for run in self.runs[1:]:
             if run.spec.model != first.spec.model or run.spec.data != first.spec.data:
                 raise SpecError("--check", f"{run.path} measured another model or text than {first.path}; "
                                            "check runs of one model and eval text together")
         model = first.spec.model
-        for flag, given, recorded in (("--model", a.model, model.name), ("--dtype", a.dtype, model.dtype)):
+        for flag, given, recorded in (("--model", a.model, model.name), ("--dtype", a.dtype, model.dtype),
+                                      ("--quantization", a.quantization, model.quantization),
+                                      ("--double-quant", a.double_quant or None, model.double_quant)):
             if given is not None and given != recorded:
                 raise SpecError(flag, f"{given!r}, but {first.path} measured {recorded!r}: predictions are checked "
                                       "against the model the sweep measured (drop the flag)")
@@ -61,15 +62,28 @@ class Setup:
             raise SpecError(given[0], f"with --check the text is the run's own ({first.spec.data.corpus}); drop it")
         return model.model_copy(update={"device": a.device}), first.spec.data
 
+    def _model(self) -> ModelSpec:
+        a = self.args
+        quantized = {"quantization": a.quantization} if a.quantization else {}
+        if a.double_quant:
+            quantized["double_quant"] = True
+        try:
+            return ModelSpec(name=a.model or "sensray-tiny", dtype=a.dtype or "float32", device=a.device,
+                             trust_remote_code=a.trust_remote_code, **quantized)
+        except ValidationError as err:
+            first = err.errors()[0]
+            flag = {"double_quant": "--double-quant"}.get(str(first["loc"][0]) if first["loc"] else "", "--quantization")
+            raise SpecError(flag, describe(first)) from None
+
     def _meta(self):
         from sensray.architectures import adapter_for
         from sensray.models import meta_model, pick_device
         from sensray.plan import check_context
-        from sensray.saliency.gradients import require_float
+        from sensray.saliency.gradients import require_gradients
 
         meta = _flagged(lambda: meta_model(self.model), "--model")
         _flagged(lambda: adapter_for(meta.config), "--model")
-        require_float(meta, self.model, key="--model")
+        require_gradients(meta, self.model, key="--model")
         _flagged(lambda: pick_device(self.model), "--device")
         try:
             check_context(_Shim(self.model, self.data), meta.config)
@@ -98,26 +112,38 @@ class Setup:
     def summary(self) -> dict:
         from sensray.models import pick_device
 
+        from sensray.quantized.storage import parameter_count
+
         params = {id(p): p for p in self.meta.parameters()}.values()
-        return {"model": self.model.name, "dtype": self.model.dtype, "device": str(pick_device(self.model)),
-                "parameters": sum(p.numel() for p in params),
+        return {"model": self.model.name, "dtype": self.model.storage, "device": str(pick_device(self.model)),
+                "parameters": parameter_count(self.meta),
                 "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+                "gradient_bytes": _gradient_bytes(self.meta),
                 "corpus": self.data.corpus, "seq_len": self.data.seq_len, "windows": self.windows}
 
     def describe(self) -> str:
         a, fisher = self.args, self.windows if self.args.fisher_windows is None else min(self.args.fisher_windows,
                                                                                           self.windows)
-        lines = [f"{self.model.name} [{self.model.dtype}]: {self.windows} windows of {self.data.seq_len} tokens of "
+        lines = [f"{self.model.name} [{self.model.storage}]: {self.windows} windows of {self.data.seq_len} tokens of "
                  f"{self.data.corpus}; 1 gradient pass + {fisher} Fisher window passes"
                  + (" (blocks recomputed in the backward)" if a.checkpoint else "")]
         lines += [f"  check: {run.path} ({run.spec.perturbation}, {len(run.rows)} trials)" for run in self.runs]
         return "\n".join(lines)
 
     def context(self, tokens: int) -> str:
-        return f"{self.model.name} [{self.model.dtype}], {tokens:,} tokens of {self.data.corpus}"
+        return f"{self.model.name} [{self.model.storage}], {tokens:,} tokens of {self.data.corpus}"
 
 
 DEFAULT_DATA = {"corpus": "bundled", "seq_len": 128, "num_sequences": 16, "batch_size": 16}
+
+
+def _gradient_bytes(meta) -> int:
+    """What a gradient of every weight would take: a float weight's dtype, a quantized one's float32 dL/dW."""
+    from sensray.quantized.storage import quantized_weights
+
+    quantized = quantized_weights(meta)
+    return sum(quantized[name].out_features * quantized[name].in_features * 4 if name in quantized
+               else p.numel() * p.element_size() for name, p in meta.named_parameters(remove_duplicate=True))
 
 
 class _Shim:

@@ -11,6 +11,8 @@ Columns (sums over the elements of the group, in nats of mean NLL):
     fisher        sum F                       curvature: 1/2 fisher * s^2 is the expected damage of noise of std s
     grad_norm     sqrt(sum g^2)
     flip_<field>  the largest predicted loss increase g * (flipped - w) of one flip of that field
+    flip_statistics  quantized weights: the largest predicted increase of one flip in any of their statistics
+                  (scales, ...); the flips table lists those flips under the statistic's own name
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ SUMMED = ("taylor", "zero_first", "zero_second", "zero_predicted", "fisher", "nu
 def tables(scores: Scores, fisher: bool) -> dict[str, pl.DataFrame]:
     """tensors, blocks, modules, rows, elements, flips."""
     entries = scores.entries()
-    tensors = pl.DataFrame([_tensor(e, fisher, scores.fields) for e in entries],
+    tensors = pl.DataFrame([_tensor(e, fisher, scores.seen_fields) for e in entries],
                            schema_overrides=PLACE | {"fisher": pl.Float64, "zero_second": pl.Float64})
     return {
         "tensors": tensors,
@@ -51,12 +53,18 @@ def _tensor(entry: TensorScores, fisher: bool, fields: tuple[str, ...]) -> dict:
     zero_first = _total(entry, "zero_first")
     fisher_w2 = _total(entry, "fisher_w2", fisher)
     zero_second = fisher_w2 / 2 if fisher_w2 is not None else None
-    best = {f"flip_{name}": float(entry.flips[name].score[0]) if name in entry.flips and len(entry.flips[name].score)
-            else None for name in fields}
+    best = {f"flip_{name}": _best(entry.flips.get(name)) for name in fields}
+    if entry.statistics:
+        best["flip_statistics"] = max((_best(top) for tops in entry.statistics.values() for top in tops.values()),
+                                      key=lambda x: -np.inf if x is None else x, default=None)
     return {**_place(entry), "param": entry.param, "dtype": str(entry.dtype).removeprefix("torch."),
             "numel": int(np.prod(entry.shape)), "taylor": _total(entry, "taylor"), "zero_first": zero_first,
             "zero_second": zero_second, "zero_predicted": zero_first + (zero_second or 0.0),
             "fisher": _total(entry, "fisher", fisher), "grad_norm": float(np.sqrt(_total(entry, "grad_sq"))), **best}
+
+
+def _best(top) -> float | None:
+    return float(top.score[0]) if top is not None and len(top.score) else None
 
 
 def _grouped(tensors: pl.DataFrame, key: str) -> pl.DataFrame:
@@ -87,5 +95,8 @@ def _elements(entry: TensorScores) -> list[dict]:
 
 
 def _flips(entry: TensorScores) -> list[dict]:
-    return [{**_place(entry), "field": name, "rank": rank, **row, "coords": _coords(entry, row["index"])}
-            for name, top in entry.flips.items() for rank, row in enumerate(top.rows())]
+    own = [{**_place(entry), "field": name, "rank": rank, **row, "coords": _coords(entry, row["index"])}
+           for name, top in entry.flips.items() for rank, row in enumerate(top.rows())]
+    return own + [{**_place(entry), "tensor": statistic, "field": name, "rank": rank, **row, "coords": [row["index"]]}
+                  for statistic, tops in entry.statistics.items() for name, top in tops.items()
+                  for rank, row in enumerate(top.rows())]  # statistics are 1-D
