@@ -58,8 +58,9 @@ def test_every_shipped_attack_spec_parses(path):
     assert spec.trials().perturbation == "bitflip"
 
 
-def test_the_shipped_attack_checks_out_against_the_shipped_model(tmp_path):
-    spec = load_attack_spec(REPO / "experiments" / "attack-bitflip.yaml", [f"output_dir={tmp_path}"])
+@pytest.mark.parametrize("name", ["attack-bitflip.yaml", "attack-bitflip-nf4.yaml"])
+def test_the_shipped_attack_checks_out_against_the_shipped_model(tmp_path, name):
+    spec = load_attack_spec(REPO / "experiments" / name, [f"output_dir={tmp_path}"])
     check_attack(spec, replicas_here=True)
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
@@ -83,6 +84,10 @@ def test_the_7b_attack_checks_out_on_the_models_structure(monkeypatch):
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["model.dtype=bfloat16", "attack.field=null", "attack.bit=20"], "attack.bit", "no candidate bits"),
+    (["model.quantization=int8", "attack.target=blocks.*.*.*.weight", "attack.field=mantissa"], "attack.field",
+     "has no 'mantissa' bits"),  # int8 codes: sign and magnitude only
+    (["model.quantization=nf4", "attack.target=blocks.*.*.*.weight", "attack.field=null", "attack.bit=5"],
+     "attack.bit", "nf4: bits 0-3"),
     (["attack.target=blocks.99"], "attack.target", "past the model's depth"),
     (["attack.target=blocks.*.mlp.nothing"], "attack.target", "matches no tensor"),
     (["data.seq_len=4096"], "data.seq_len", "longer than the context"),

@@ -112,7 +112,7 @@ def document(spec, baseline: dict, summary: dict, flips: list[dict], random: lis
             render.Para(f"Speed: {summary['steps_per_minute'] or 0:.2f} steps per minute with {summary['replicas']} "
                         f"replica(s) (a step: one backward pass and {spec.attack.evaluate} exact trials). Committed "
                         f"state checksum {summary['checksum_committed']} (clean: {summary['checksum_at_load']})."),
-            render.Para(f"Hear it: `sensray generate --attack <this directory>` (greedy text, clean beside attacked)."))
+            render.Para("Hear it: `sensray generate --attack <this directory>` (greedy text, clean beside attacked)."))
     return doc
 
 
