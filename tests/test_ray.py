@@ -21,7 +21,7 @@ from ray_support import (assert_exactly_once, faulty_replica, is_loopback, liste
                          ray_descendants, run_executor, slow_replica, spec_text, stop_session)
 
 from sensray.errors import RestoreError, SensrayError
-from sensray.executors.ray import replica_count
+from sensray.executors.ray import RayExecutor, replica_count
 from sensray.results import Journal
 from sensray.sweep import main
 
@@ -161,6 +161,36 @@ def test_a_trial_that_kills_its_replica_every_time_becomes_an_error_row(tiny, lo
     assert bad["error"].startswith("ReplicaDied: the replica died 2 times") and bad["ppl"] is None
     assert all(row["error"] is None for row in rows if row["trial_id"] != poison)
     assert executor.launched == 3  # the first, and one replacement per death
+
+
+@pytest.mark.slow  # three replicas start one after the other
+def test_a_reply_lost_with_its_replica_does_not_count_as_the_death(tiny, local_ray, tmp_path, monkeypatch):
+    """The interleaving CI once hit: the first trial finished, but its reply died with the process that the
+    poison trial killed at once, so the driver saw both fail. The poison trial was running, not the first;
+    blaming the oldest unanswered one cost the poison trial one more death and replica (launched was 4)."""
+    plan = plan_of(spec_text(*tiny, tmp_path, num_samples=1))  # 4 trials
+    first, poison = plan.trials[0].trial_id, plan.trials[1].trial_id
+    rows, logs = [], []
+    executor = RayExecutor(plan.spec, replicas=1, max_attempts=2, replica_factory=faulty_replica(crash_on=poison),
+                           log=logs.append)
+    real_wait = local_ray.wait
+
+    def wait(refs, **options):  # the first replica's answer for `first` never reaches the driver
+        def lost(ref):
+            slot, trial = executor.refs[ref]
+            return slot.index == 0 and trial is not None and trial.trial_id == first
+        return real_wait([ref for ref in refs if not lost(ref)], **options)
+
+    monkeypatch.setattr(local_ray, "wait", wait)
+    try:
+        executor.start()
+        executor.run(plan.trials, rows.append)
+    finally:
+        executor.close()
+    assert_exactly_once(rows, plan)
+    assert [row["trial_id"] for row in rows if row["error"]] == [poison]
+    assert executor.launched == 3  # the first, and one replacement per death of the poison trial
+    assert any(f"died running trial {poison}" in line and "2 trial(s) requeued" in line for line in logs)
 
 
 def test_a_trial_out_of_memory_is_a_row_and_the_sweep_goes_on(tiny, local_ray, tmp_path):

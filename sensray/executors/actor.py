@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 # (spec, replica id) -> an object with run_trial(trial) -> row, checksum() and a `baseline` dataclass.
 ReplicaFactory = Callable[[Any, str], Any]
+RUNNING = "sensray-running"  # Ray's internal KV namespace: actor id -> the trial that actor last started
 
 
 class ReplicaActor:
@@ -31,6 +32,7 @@ class ReplicaActor:
 
         hf_logging.disable_progress_bar()  # a loading bar per actor, prefixed by Ray, is only noise
         self.replica = None
+        self.actor_id = ""
 
     def load(self, spec: dict, index: int, factory: ReplicaFactory | None = None,
              committed: list | None = None) -> dict:
@@ -42,15 +44,17 @@ class ReplicaActor:
         import ray
 
         node_ip = ray.util.get_node_ip_address()
+        self.actor_id = ray.get_runtime_context().get_actor_id()
         replica_id = f"ray-{index}@{node_ip}"
         self.replica = (factory or build_replica)(spec_, replica_id)
         if committed:
             self.replica.commit(committed)
         return {"baseline": asdict(self.replica.baseline), "replica_id": replica_id, "pid": os.getpid(),
                 "node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id(),
-                "committed": len(committed or ())}
+                "committed": len(committed or ()), "actor_id": self.actor_id}
 
     def run_trial(self, trial) -> dict:
+        mark_running(self.actor_id, trial.trial_id)
         return self.replica.run_trial(trial)
 
     def checksum(self) -> str:
@@ -64,6 +68,36 @@ class ReplicaActor:
 
     def ask(self, question: str, *args: Any) -> Any:
         return answer(self.replica, question, args)
+
+
+def mark_running(actor_id: str, trial_id: str) -> None:
+    """Record in the GCS, before the trial starts, that this actor runs it (one small synchronous put).
+
+    The driver keeps two trials in flight per actor, and the reply carrying a finished trial's row can
+    die with the process when the next trial kills it at once: the driver then sees both fail and cannot
+    tell from its refs which one was running. It reads this record instead (sensray.executors.ray._running)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(actor_id, trial_id, namespace=RUNNING)
+
+
+def started_last(actor_id: str) -> str | None:
+    """The trial an actor (dead now) last started, read once and forgotten; None if it started none."""
+    from ray.experimental import internal_kv
+
+    if not actor_id:
+        return None
+    trial_id = internal_kv._internal_kv_get(actor_id, namespace=RUNNING)
+    forget_running(actor_id)
+    return trial_id.decode() if trial_id is not None else None
+
+
+def forget_running(actor_id: str) -> None:
+    """Drop an actor's record (its replica is gone or the sweep is closing): the GCS outlives sweeps."""
+    from ray.experimental import internal_kv
+
+    if actor_id:
+        internal_kv._internal_kv_del(actor_id, namespace=RUNNING)
 
 
 def answer(replica, question: str, args: tuple) -> Any:

@@ -15,8 +15,10 @@ its Searchers, driven by this pool (sensray.executors.search).
 Failures. A trial that fails for its own reasons is already a row (Replica.run_trial). A replica
 that dies (process killed, node removed, out of host memory) is replaced; its trials in flight go
 back to the front of the queue, and a trial that was running when its replica died `max_attempts`
-times is recorded with that error instead of being retried forever. A replica that cannot load
-the model, or a restore that does not verify, stops the sweep with the original error.
+times is recorded with that error instead of being retried forever. Which trial was running is what
+the actor recorded in Ray's GCS as it started it: the oldest unanswered one may have finished, its
+reply lost with the process. A replica that cannot load the model, or a restore that does not verify,
+stops the sweep with the original error.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sensray.errors import SensrayError, SpecError
-from sensray.executors.actor import ReplicaActor, ReplicaFactory
+from sensray.executors.actor import ReplicaActor, ReplicaFactory, forget_running, started_last
 from sensray.executors.feed import StaticFeed
 from sensray.space import Trial
 from sensray.spec import ExperimentSpec
@@ -116,7 +118,8 @@ class Slot:
     pid: int = 0
     node_ip: str = ""
     node_id: str = ""
-    inflight: deque = field(default_factory=deque)  # ObjectRefs, oldest (the one running) first
+    actor_id: str = ""  # the key of its "running" record (sensray.executors.actor.mark_running)
+    inflight: deque = field(default_factory=deque)  # ObjectRefs, oldest first
 
     @property
     def ready(self) -> bool:
@@ -206,6 +209,8 @@ class RayExecutor:
             return
         for slot in self.slots:
             _kill(slot.actor)
+            with contextlib.suppress(Exception):  # a cluster whose head is gone: nothing left to tidy
+                forget_running(slot.actor_id)
         self.slots, self.refs = [], {}
         if self.started_ray:
             ray.shutdown()
@@ -275,8 +280,8 @@ class RayExecutor:
             raise SensrayError(
                 f"replica {info['replica_id']} loaded different weights (checksum {baseline['checksum_at_load']}) "
                 f"than the first replica ({self.baseline['checksum_at_load']}): are the nodes' model caches the same?")
-        slot.replica_id, slot.pid, slot.node_ip, slot.node_id = (
-            info["replica_id"], info["pid"], info["node_ip"], info["node_id"])
+        slot.replica_id, slot.pid, slot.node_ip, slot.node_id, slot.actor_id = (
+            info["replica_id"], info["pid"], info["node_ip"], info["node_id"], info["actor_id"])
         if self.baseline is None:
             self.baseline = baseline
         behind = len(self.committed) - info["committed"]
@@ -284,23 +289,24 @@ class RayExecutor:
             self._committed_on(slot, slot.actor.commit.remote(self.committed[-behind:]))
 
     def _lost(self, slot: Slot, err: Exception, on_row: Callable[[dict], None] | None) -> None:
-        """A replica died: requeue its trials in flight (the running one counts an attempt), replace it."""
+        """A replica died: requeue its trials in flight (the one it was running counts an attempt), replace it."""
         trials = [self.refs.pop(ref)[1] for ref in slot.inflight]
         self.refs = {ref: owner for ref, owner in self.refs.items() if owner[0] is not slot}
         slot.inflight.clear()
         self.slots.remove(slot)
         _kill(slot.actor)
         reason = _first_line(err)
-        if trials:
-            running = trials[0]
+        running = _running(slot, trials)
+        if running is not None:
             self.attempts[running.trial_id] += 1
             if self.attempts[running.trial_id] >= self.max_attempts and on_row is not None:
-                trials.pop(0)
+                trials.remove(running)
                 on_row(died_row(running, slot.replica_id, self.attempts[running.trial_id], reason))
         self.retry.extendleft(reversed(trials))
         self.deaths_in_a_row += 1
         name = slot.replica_id or f"ray-{slot.index} (loading)"
-        self.log(f"replica {name} died ({reason}); {len(trials)} trial(s) requeued, starting a replacement")
+        during = f" running trial {running.trial_id}" if running is not None else ""
+        self.log(f"replica {name} died{during} ({reason}); {len(trials)} trial(s) requeued, starting a replacement")
         if self.deaths_in_a_row > max(3, 2 * self.target):
             raise SensrayError(f"{self.deaths_in_a_row} replicas died in a row without finishing a trial; "
                                f"last: {reason}")
@@ -382,6 +388,17 @@ def _lost_errors() -> tuple[type[Exception], ...]:
 
     return (x.RayActorError, x.WorkerCrashedError, x.OutOfMemoryError, x.NodeDiedError, x.ObjectLostError,
             x.ActorUnschedulableError, x.LocalRayletDiedError)
+
+
+def _running(slot: Slot, trials: list[Trial]) -> Trial | None:
+    """Which of a dead replica's unanswered trials it was running: the one it last started, if that
+    one's row never came back; None if it died loading, idle, or between trials.
+
+    Not simply the oldest unanswered one: that one may have finished, its reply lost with the process
+    when the next trial killed it at once; charging it would retry the trial that kills replicas once
+    more than max_attempts and, at max_attempts 1, record an innocent trial as ReplicaDied."""
+    started = started_last(slot.actor_id)
+    return next((trial for trial in trials if trial.trial_id == started), None)
 
 
 def died_row(trial: Trial, replica_id: str, attempts: int, reason: str) -> dict:
