@@ -87,3 +87,30 @@ def test_the_attack_runs_on_the_pool_like_locally(tiny, local_ray, tmp_path, cap
     assert runs["local"]["replicas"] == 1 and runs["ray"]["replicas"] in (1, 2)  # the 2nd may still be loading
     for key in ("flips", "checksum_committed", "final"):
         assert runs["ray"][key] == runs["local"][key]
+
+
+def test_a_quantized_attack_commits_packed_codes_on_the_pool_like_locally(local_ray, tmp_path, capsys):
+    """nf4 with double quantization: the flips (4-bit codes in packed bytes, 8-bit scale codes) reach every
+    replica, and the pool ends where this process does, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    from sensray.attack.cli import main
+
+    path = tmp_path / "attack.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: nf4-pool
+        model: {name: sensray-tiny, quantization: nf4, double_quant: true}
+        data: {corpus: bundled, seq_len: 32, num_sequences: 4, batch_size: 4}
+        attack: {target: "blocks.0-1.*.*", field: magnitude, per_tensor: 1, evaluate: 4}
+        stop: {max_flips: 2}
+        random: {seeds: 0}
+        resources: {cpus: 1, replicas: 2}
+        """), encoding="utf-8")
+    runs = {}
+    for executor in ("local", "ray"):
+        assert main([str(path), "--executor", executor, "--set", f"output_dir={tmp_path / executor}"]) == 0
+        (run,) = (tmp_path / executor / "nf4-pool").iterdir()
+        runs[executor] = json.loads((run / "attack.json").read_text())
+    capsys.readouterr()
+    assert runs["local"]["flips"] == 2 and runs["ray"]["checksum_committed"] != runs["ray"]["checksum_at_load"]
+    for key in ("flips", "checksum_committed", "final"):
+        assert runs["ray"][key] == runs["local"][key]

@@ -150,6 +150,8 @@ class Scores:
     def _flips(self, space: FlipSpace) -> dict[str, TopFlips]:
         fields = [name for name in self.fields if space.fields.get(name)]
         tops = {name: TopFlips(self.top_k) for name in fields}
+        if not fields:
+            return tops
         for chunk in space.chunks():
             for bit in sorted({b for name in fields for b in space.fields[name]}):
                 offered = offer(chunk, bit, self.top_k)  # once per bit, for every field that holds it
