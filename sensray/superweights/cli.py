@@ -237,7 +237,7 @@ def _usage(call, flag: str):
 
 
 def _check_family(meta) -> None:
-    from sensray.architectures import adapter_for
+    from sensray.adapters import adapter_for
     from sensray.superweights.discovery import down_projections
 
     adapter_for(meta.config)
