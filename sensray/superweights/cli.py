@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sensray.sweep import _replicas, default_executor
+    from sensray.cli_options import default_executor, replicas_or_auto as _replicas
 
     th = Thresholds()
     p = _Parser(prog="python -m sensray.superweights", description=__doc__.split("\n\n")[0],
