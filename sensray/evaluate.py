@@ -41,7 +41,7 @@ OPTIONS = {"eval.tasks": "--tasks", "eval.limit": "--limit", "eval.batch_size": 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sensray.sweep import _count, _SetKey
+    from sensray.cli_options import SetKey as _SetKey, positive_int as _count
 
     parser = argparse.ArgumentParser(
         prog="python -m sensray.evaluate",

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from sensray.architectures import UnsupportedArchitecture, adapter_for
+from sensray.adapters import UnsupportedArchitecture, adapter_for
 from sensray.errors import SpecError, shorten
 from sensray.models import context_length, meta_model
 from sensray.perturbations import PERTURBATIONS, ParamError

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from sensray.architectures import adapter_for, components, decoder_blocks
+from sensray.adapters import adapter_for
+from sensray.architectures import components, decoder_blocks
 
 
 def block_positions(model: nn.Module) -> tuple[dict[int, int], dict[int, int]]:

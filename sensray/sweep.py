@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import threading
 
 from pathlib import Path
 
+from sensray.cli_options import add_replica_options, add_spec_options, positive_int
 from sensray.errors import RestoreError, SensrayError, SpecError, run_cli
-from sensray.executors import EXECUTORS
 from sensray.plan import MAX_TRIALS, Plan, make_plan
 from sensray.spec import ExperimentSpec, check_permissions, load_spec
 
@@ -39,28 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python -m sensray.sweep experiments/bitflip.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("spec", nargs="?", help="experiment YAML (see experiments/)")
-    parser.add_argument("--executor", choices=list(EXECUTORS), default=default_executor(),
-                        help="where trials run: 'ray' (replica actors on a local Ray or a cluster) or 'local' "
-                             "(one replica in this process, no Ray); default: ray when it is installed")
-    parser.add_argument("--address", help="Ray only: a running cluster to join ('auto' on its head node); "
-                                          "default: start a Ray on this machine, bound to 127.0.0.1")
-    parser.add_argument("--replicas", type=_replicas, metavar="N|auto",
-                        help="Ray only: how many replicas (default: the spec's resources.replicas)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key, value parsed as YAML (repeatable), e.g. --set num_samples=2")
-    parser.add_argument("--model", action=_SetKey, key="model.name", dest="overrides", metavar="NAME",
-                        help="the model: an alias (--list-models), HF id or local directory; --set model.name=NAME")
-    parser.add_argument("--output-dir", action=_SetKey, key="output_dir", dest="overrides", metavar="DIR",
-                        help="write the run to DIR/<name>/<run id> (default: the spec's output_dir, else results); "
-                             "--set output_dir=DIR")
-    parser.add_argument("--dry-run", action="store_true", help="validate, resolve targets, print the trial count")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run: only trials not yet recorded "
-                                                            "(--set may change only resources.*)")
-    parser.add_argument("--max-trials", type=_count, default=MAX_TRIALS, metavar="N",
+    add_spec_options(parser, spec="experiment YAML (see experiments/)", set_example="num_samples=2",
+                     dry_run="validate, resolve targets, print the trial count",
+                     resume="finish an interrupted run: only trials not yet recorded (--set may change only "
+                            "resources.*)")
+    add_replica_options(parser)
+    parser.add_argument("--max-trials", type=positive_int, default=MAX_TRIALS, metavar="N",
                         help=f"refuse a space that expands to more trials (default {MAX_TRIALS:,})")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model.trust_remote_code: true (runs Python code shipped with the model)")
     parser.add_argument("--allow-searcher-import", action="store_true",
                         help="allow search.algorithm: module:Class (imports, so runs, that module)")
     parser.add_argument("--list-models", action="store_true", help="print the model aliases and exit")
@@ -277,37 +261,6 @@ def _terminate_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def default_executor() -> str:
-    """Ray when it is installed; the local executor on machines without it (e.g. a bare GPU box)."""
-    import importlib.util
-
-    return "ray" if importlib.util.find_spec("ray") is not None else "local"
-
-
-def _count(value: str) -> int:
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-
-
-def _replicas(value: str) -> int | str:
-    if value == "auto" or (value.isdigit() and int(value) >= 1):
-        return value if value == "auto" else int(value)
-    raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'auto', got {value!r}")
-
-
-class _SetKey(argparse.Action):
-    """An option that is a --set of one key: `--model X` adds `model.name="X"` to the overrides, in command-line
-    order with the --set ones. JSON-quoted, so a value like `2024` or `yes` stays a string."""
-
-    def __init__(self, *args, key: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        setattr(namespace, self.dest, [*getattr(namespace, self.dest), f"{self.key}={json.dumps(value)}"])
 
 
 def _executor_options(args: argparse.Namespace) -> dict:

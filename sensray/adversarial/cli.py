@@ -20,38 +20,25 @@ import argparse
 import sys
 from pathlib import Path
 
+from sensray.cli_options import add_replica_options, add_spec_options
 from sensray.errors import SpecError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sensray.sweep import _replicas, _SetKey
-
     parser = argparse.ArgumentParser(
         prog="python -m sensray.adversarial", description=__doc__.split("\n\n")[0],
         epilog="examples:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", nargs="?", help="adversarial spec YAML (experiments/adversarial*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key, value parsed as YAML (repeatable), e.g. --set attack.steps=20")
-    parser.add_argument("--model", action=_SetKey, key="model.name", dest="overrides", metavar="NAME",
-                        help="the model: alias, HF id or local directory; --set model.name=NAME")
-    parser.add_argument("--output-dir", action=_SetKey, key="output_dir", dest="overrides", metavar="DIR",
-                        help="write the run to DIR/<name>/<run id>; --set output_dir=DIR")
-    parser.add_argument("--executor", choices=("local", "ray"),
-                        help="where the model runs: 'local' (this process) or 'ray' (sensray's replica pool); "
-                             "default: ray when more than one replica or --address is asked for")
-    parser.add_argument("--address", help="Ray only: a running cluster to join ('auto' on its head node)")
-    parser.add_argument("--replicas", type=_replicas, metavar="N|auto", help="Ray only: how many replicas")
-    parser.add_argument("--dry-run", action="store_true", help="check the spec, inputs and transfer sources; "
-                                                               "print the attacks; write nothing")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted attack (--set may change only "
-                                                            "resources.*); a finished one is left as it is")
+    add_spec_options(parser, spec="adversarial spec YAML (experiments/adversarial*.yaml)",
+                     set_example="attack.steps=20",
+                     dry_run="check the spec, inputs and transfer sources; print the attacks; write nothing",
+                     resume="finish an interrupted attack (--set may change only resources.*); a finished one is "
+                            "left as it is")
+    add_replica_options(parser, decided_by="ray when more than one replica or --address is asked for")
     parser.add_argument("--transfer", action="append", default=[], metavar="RUN_OR_MODEL",
                         help="after the attack, measure its inputs under a sweep run's trials or an exported "
                              "model (repeatable)")
     parser.add_argument("--trials", default="top:5", help="with --transfer RUN: top:K (most damaging), spread:K "
                                                           "(over the range of damage), all, or ids,... (top:5)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model.trust_remote_code: true (runs Python code shipped with the model)")
     return parser
 
 

@@ -21,31 +21,18 @@ import sys
 from pathlib import Path
 
 from sensray import sweep
+from sensray.cli_options import add_replica_options, add_spec_options
 from sensray.errors import SpecError, run_cli
-from sensray.executors import EXECUTORS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sensray.sweep import _replicas, _SetKey, default_executor
-
     p = argparse.ArgumentParser(prog="python -m sensray.attack", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + __doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", nargs="?", help="attack YAML (see experiments/attack-*.yaml)")
-    p.add_argument("--executor", choices=list(EXECUTORS), default=default_executor(),
-                   help="where candidates run: ray (default when installed) or local (this process)")
-    p.add_argument("--address", help="Ray only: a running cluster to join ('auto' on its head node)")
-    p.add_argument("--replicas", type=_replicas, metavar="N|auto", help="Ray only: how many replicas")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, value parsed as YAML (repeatable), e.g. --set stop.max_flips=5")
-    p.add_argument("--model", action=_SetKey, key="model.name", dest="overrides", metavar="NAME",
-                   help="the model (--set model.name=NAME)")
-    p.add_argument("--output-dir", action=_SetKey, key="output_dir", dest="overrides", metavar="DIR",
-                   help="write to DIR/<name>/<run id> (--set output_dir=DIR)")
-    p.add_argument("--dry-run", action="store_true", help="validate against the model's structure; load nothing")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted attack (--set may change only resources.*)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model.trust_remote_code: true")
+    add_spec_options(p, spec="attack YAML (see experiments/attack-*.yaml)", set_example="stop.max_flips=5",
+                     dry_run="validate against the model's structure; load nothing",
+                     resume="continue an interrupted attack (--set may change only resources.*)")
+    add_replica_options(p)
     return p
 
 

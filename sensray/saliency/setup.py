@@ -76,7 +76,7 @@ class Setup:
             raise SpecError(flag, describe(first)) from None
 
     def _meta(self):
-        from sensray.architectures import adapter_for
+        from sensray.adapters import adapter_for
         from sensray.models import meta_model, pick_device
         from sensray.plan import check_context
         from sensray.saliency.gradients import require_gradients

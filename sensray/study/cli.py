@@ -23,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from sensray.cli_options import add_spec_options
 from sensray.errors import SpecError, run_cli
-from sensray.sweep import _SetKey  # --model and --output-dir: a --set of one key, as in sensray sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,17 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sensray.study", description=__doc__.split("\n\n")[0],
         epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", nargs="?", help="study YAML (e.g. experiments/integrated.yaml)")
-    parser.add_argument("--resume", metavar="STUDY_DIR", help="continue a study directory: skip what is done")
-    parser.add_argument("--dry-run", action="store_true", help="check every stage and say what would run")
+    add_spec_options(parser, spec="study YAML (e.g. experiments/integrated.yaml)",
+                     set_example="healed-lora.steps=300 (STAGE.KEY=VALUE: a key of the stage named STAGE)",
+                     dry_run="check every stage and say what would run",
+                     resume="continue a study directory: skip what is done", resume_metavar="STUDY_DIR")
     parser.add_argument("--stage", metavar="NAME", help="run only this stage (with --resume; its inputs done)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key (repeatable); STAGE.KEY=VALUE sets a key of the stage named STAGE")
-    parser.add_argument("--output-dir", dest="overrides", action=_SetKey, key="output_dir", metavar="DIR",
-                        help="write the study to DIR/<name>/<study id> (--set output_dir=DIR)")
-    parser.add_argument("--model", dest="overrides", action=_SetKey, key="model.name", metavar="NAME",
-                        help="the study's model (--set model.name=NAME)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model.trust_remote_code: true")
     return parser
 
 

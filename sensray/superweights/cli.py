@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sensray.sweep import _replicas, default_executor
+    from sensray.cli_options import default_executor, replicas_or_auto as _replicas
 
     th = Thresholds()
     p = _Parser(prog="python -m sensray.superweights", description=__doc__.split("\n\n")[0],
@@ -237,7 +237,7 @@ def _usage(call, flag: str):
 
 
 def _check_family(meta) -> None:
-    from sensray.architectures import adapter_for
+    from sensray.adapters import adapter_for
     from sensray.superweights.discovery import down_projections
 
     adapter_for(meta.config)
