@@ -2,6 +2,7 @@
 
     python benchmarks/attack_rate.py                  # 8 mantissa flips each way, the table for docs/BENCHMARKS.md
     python benchmarks/attack_rate.py --flips 4 --evaluate 16
+    python benchmarks/attack_rate.py --format nf4     # the shipped model in nf4 (double quant): codes only
 
 A step is one backward pass on one replica (the ranking) and `--evaluate` exact bitflip trials spread over
 the pool, then a commit on every replica (which re-records its prefix). Mantissa-only flips, so the search
@@ -27,9 +28,17 @@ WAYS = {"local": ["--executor", "local"], "ray x1": ["--executor", "ray", "--rep
         "ray x2": ["--executor", "ray", "--replicas", "2"]}
 
 
-def one(way: str, flips: int, evaluate: int, out: Path) -> dict:
+# What a quantized format's search flips so that it does not stop at its first flip: its codes (a statistic's
+# exponent MSB, like a float's, ends it at once).
+FORMATS = {"fp32": ["--set", "attack.field=mantissa"],
+           "int8": ["--set", "model.quantization=int8", "--set", "attack.target=blocks.*.*.*.weight"],
+           "nf4": ["--set", "model.quantization=nf4", "--set", "model.double_quant=true",
+                   "--set", "attack.target=blocks.*.*.*.weight"]}
+
+
+def one(way: str, flips: int, evaluate: int, out: Path, fmt: str = "fp32") -> dict:
     command = [sys.executable, "-m", "sensray", "attack", str(REPO / "experiments" / "attack-bitflip.yaml"),
-               *WAYS[way], "--output-dir", str(out), "--set", "attack.field=mantissa",
+               *WAYS[way], "--output-dir", str(out), *FORMATS[fmt],
                "--set", f"stop.max_flips={flips}", "--set", "random.seeds=0", "--set", f"attack.evaluate={evaluate}"]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
@@ -45,10 +54,13 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=8)
     parser.add_argument("--evaluate", type=int, default=8, help="candidates evaluated per step (the spec's 8)")
     parser.add_argument("--ways", nargs="*", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--format", default="fp32", choices=list(FORMATS),
+                        help="fp32 (mantissa flips), or int8 / nf4 (their codes)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [one(way, args.flips, args.evaluate, Path(tmp) / way.replace(" ", "")) for way in args.ways]
-    print(f"attack steps on sensray-tiny (fp32, mantissa flips, {args.evaluate} candidates a step, {args.flips} steps)")
+        rows = [one(way, args.flips, args.evaluate, Path(tmp) / way.replace(" ", ""), args.format) for way in args.ways]
+    what = "mantissa flips" if args.format == "fp32" else "code flips"
+    print(f"attack steps on sensray-tiny ({args.format}, {what}, {args.evaluate} candidates a step, {args.flips} steps)")
     print(f"  {'way':<8} {'replicas':>8} {'steps':>6} {'seconds':>8} {'steps/min':>10} {'ppl after':>10}")
     for r in rows:
         print(f"  {r['way']:<8} {r['replicas']:>8} {r['steps']:>6} {r['seconds']:>8.1f} {r['per_minute']:>10.2f} "

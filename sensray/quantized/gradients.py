@@ -111,6 +111,8 @@ def spaces_of(model: nn.Module, name: str, weight: torch.Tensor, grad: torch.Ten
     module = quantized_weights(model).get(name)
     if module is None:
         return {ref.name: float_space(ref.name, _view(ref, weight), _view(ref, grad)) for ref in refs}
+    if any(ref.select is not None for ref in refs):  # the bitflip kind refuses these too, at --dry-run
+        raise ValueError(f"{refs[0].name}: a slice of a fused quantized weight; target the fused weight")
     ref = refs[0]
     codes = ref.name if ref.part is None else ref.name[: -len(ref.part) - 1]  # blocks.3.mlp.down.weight[.scale]
     return code_spaces(module, codes, grad)
