@@ -36,6 +36,7 @@ from torch import nn
 
 from sensray.adapters import adapter_for
 from sensray.architectures import components, decoder_blocks
+from sensray.patching import forwards_replaced
 
 
 def block_positions(model: nn.Module) -> tuple[dict[int, int], dict[int, int]]:
@@ -132,29 +133,13 @@ class PrefixCache:
         if start == 0:
             yield
             return
-        outputs = self.outputs[batch_index]
-        boundary = outputs[start - 1]
-        patched = []
-        for i in range(start):
-            block = self.blocks[i]
-            # Only the last skipped block's output feeds the live blocks; it is cloned so that a
-            # block that updates its input in place can never corrupt the recording.
-            output = _clone(boundary) if i == start - 1 else boundary
-            patched.append((block, block.__dict__.get("forward", _ABSENT)))
-            block.forward = _returning(output)
-        try:
+        boundary = self.outputs[batch_index][start - 1]
+        # Only the last skipped block's output feeds the live blocks; it is cloned so that a block that
+        # updates its input in place can never corrupt the recording.
+        replacements = [(self.blocks[i], _returning(_clone(boundary) if i == start - 1 else boundary))
+                        for i in range(start)]
+        with forwards_replaced(replacements):
             yield
-        finally:
-            for block, forward in patched:
-                # Put back exactly what was there: accelerate installs its own instance-level
-                # forward on dispatched models, which must survive.
-                if forward is _ABSENT:
-                    del block.forward
-                else:
-                    block.forward = forward
-
-
-_ABSENT = object()
 
 
 def default_budget(device: torch.device) -> int:

@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from sensray.patching import forwards_replaced
 from sensray.quantized.elements import QUANTIZED_FIELDS, _table, signed8
 from sensray.quantized.storage import NESTED_BLOCK, blocksize, format_of, nested, part_tensor, quantized_weights
 from sensray.saliency.flips import FlipSpace, float_space
@@ -74,26 +75,21 @@ class _Tap(torch.autograd.Function):
 @contextlib.contextmanager
 def taps(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Inside, every quantized Linear's weight has a ghost leaf (by the weight's name) that gets dL/dW."""
-    ghosts, patched = {}, []
-    for name, module in quantized_weights(model).items():
-        shape = (module.out_features, module.in_features)
-        ghost = torch.zeros((), dtype=torch.float32, device=part_tensor(module, "").device).expand(shape)
-        ghosts[name] = ghost = ghost.detach().requires_grad_(True)
-        own = module.__dict__.get("forward")
-        module.forward = _tapped(module, ghost)
-        patched.append((module, own))
-    try:
+    modules = quantized_weights(model)
+    ghosts = {name: _ghost(module) for name, module in modules.items()}
+    with forwards_replaced((modules[name], _tapped(modules[name], ghost)) for name, ghost in ghosts.items()):
         yield ghosts
-    finally:
-        for module, own in patched:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
+
+
+def _ghost(module: nn.Module) -> torch.Tensor:
+    """A leaf of the weight's [out, in] shape over one float32 element (stride 0): it only collects dL/dW."""
+    device = part_tensor(module, "").device
+    shape = (module.out_features, module.in_features)
+    return torch.zeros((), dtype=torch.float32, device=device).expand(shape).detach().requires_grad_(True)
 
 
 def _tapped(module: nn.Module, ghost: torch.Tensor):
-    original = type(module).forward.__get__(module)
+    original = module.forward  # the forward it runs now (an instance-level one accelerate installed, if any)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return _Tap.apply(x, ghost, module.bias, module, original)

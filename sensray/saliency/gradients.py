@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from sensray.architectures import decoder_blocks
+from sensray.patching import forwards_replaced
 
 Consumer = Callable[[str, torch.Tensor, torch.Tensor], None]  # (parameter name, weight, its gradient)
 
@@ -120,22 +121,10 @@ def naive_gradients(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
             param.requires_grad_(flag)
 
 
-@contextlib.contextmanager
-def _checkpointed(model: nn.Module) -> Iterator[None]:
+def _checkpointed(model: nn.Module):
     """Inside, every decoder block keeps only its input and recomputes itself during the backward."""
-    patched = []
-    for block in decoder_blocks(model):
-        own = block.__dict__.get("forward")  # accelerate may have put one on the instance: put it back after
-        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
-        patched.append((block, own))
-    try:
-        yield
-    finally:
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
+    return forwards_replaced((block, functools.partial(recompute, block.forward, use_reentrant=False))
+                             for block in decoder_blocks(model))
 
 
 def require_gradients(model: nn.Module, model_spec, key: str = "model") -> None:
