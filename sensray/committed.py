@@ -1,9 +1,10 @@
 """Committed state: changes a replica keeps across trials (an attack's accepted bit flips).
 
 A replica's state is its loaded weights plus an ordered list of committed changes. A change is one
-element's raw bits (a float's, or on a quantized model a code's or a statistic's), recorded exactly as a trial's provenance records it (the `changes` column of the
-trial table: tensor, index, coords, bit, old, new, old_bits, new_bits), so the row that measured a
-candidate flip is also the record that commits it:
+element's raw bits (a float's, or on a quantized model a code's or a statistic's), recorded exactly
+as a trial's provenance records it (the `changes` column of the trial table: tensor, index, coords,
+bit, old, new, old_bits, new_bits), so the row that measured a candidate flip is also the record that
+commits it:
 
     apply_changes(model, row["changes"])      # checks each element's old_bits, writes its new_bits
     revert_changes(model, changes)            # in reverse: checks new_bits, writes old_bits back

@@ -211,3 +211,21 @@ def test_saliency_of_a_quantized_model_scores_codes_and_statistics(tmp_path, cap
     assert sorted(stats) == [f"{CANONICAL}.{p}" for p in ("scale", "scale2", "scale_code", "scale_offset")]
     assert set(flips.filter(pl.col("tensor") == CANONICAL)["field"]) == {"sign", "magnitude_msb", "magnitude"}
     assert "nf4" in (run / "report.md").read_text()
+
+
+def test_a_checked_scale_flip_is_predicted_through_the_scales_own_gradient(models):
+    from sensray.saliency.probes import Probes
+    from sensray.saliency.scores import Scores
+
+    model = models["int8"]
+    edits = apply_kind(model, "bitflip", target=f"{CANONICAL}.scale", bit=22, coords=[[7]])
+    row = {"kind": "bitflip", "error": None, "changes": edits.provenance()["changes"]}
+    edits.restore()
+    probes = Probes(model, [row])
+    scores = Scores(model, top_k=1, fields=(), probes=probes)
+    backward_pass(model, BATCHES, scores.gradient)
+    _, got = gradients(model)
+    scale_grad = code_spaces(quantized_weights(model)[WEIGHT], CANONICAL, got[WEIGHT][1])[f"{CANONICAL}.scale"].grad
+    (change,) = row["changes"]
+    expected = float(scale_grad[7]) * (change["new"] - change["old"])
+    assert probes.predictions(fisher=False)["first"][0] == pytest.approx(expected, rel=1e-6)

@@ -11,8 +11,8 @@ A trial changes weights by some Delta. The loss change it predicts to second ord
 
 Delta is known without storing it: element edits (bit flips, `zero`) list every changed element in the
 row's `changes` (old and new values; on a quantized model the dequantized weight's, or a statistic's own
-value with its gradient by the chain rule, sensray.quantized.gradients), and whole-tensor kinds are recomputed from their parameters
-while each tensor's gradient passes through the hook: ablation `zero` (-w) and `mean` (the tensor's
+value with its gradient by the chain rule, sensray.quantized.gradients), and whole-tensor kinds are
+recomputed from their parameters while each tensor's gradient passes through the hook: ablation `zero` (-w) and `mean` (the tensor's
 mean, rounded to its dtype, minus w), and `noise` (the draw regenerated from the trial's seed and the
 tensor's name exactly as sensray.perturbations.noise draws it). A non-finite Delta predicts +inf. Rows
 of other kinds (skip ablation, prune) get no prediction and are counted as such.
@@ -91,11 +91,11 @@ class Probes:
 
     # -- consumers (called by sensray.saliency.scores.Scores) -------------------------------------------
 
-    def gradient(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor, spaces: dict | None = None) -> None:
-        """`spaces`: the flip spaces of this parameter's tensors (sensray.saliency.scores), for the gradient of a
-        quantized weight's statistics (a changed scale is an element of its own tensor)."""
-        for ref, changes in self.elements.get(param_name, ()):
-            g = _gradient_at(ref, grad, changes, spaces)
+    def gradient(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor,
+                 spaces: Callable[[], dict] = dict) -> None:
+        """`spaces()`: the flip spaces of this parameter's tensors (sensray.saliency.scores), asked only for the
+        gradient of a quantized weight's statistics (a changed scale is an element of its own tensor)."""
+        for changes, g in self._element_gradients(param_name, grad, spaces):
             np.add.at(self.first, changes.probe, _product(g, changes.delta))
             np.add.at(self.size, changes.probe, changes.delta ** 2)
         for i, ref, direction in self.directions.get(param_name, ()):
@@ -105,14 +105,17 @@ class Probes:
 
     def fisher(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor, scale: float,
                spaces: Callable[[], dict] = dict) -> None:
-        changed = self.elements.get(param_name, ())
-        known = spaces() if any(ref.part is not None for ref, _ in changed) else None
-        for ref, changes in changed:
-            g = _gradient_at(ref, grad, changes, known)
+        for changes, g in self._element_gradients(param_name, grad, spaces):
             np.add.at(self.second, changes.probe, 0.5 * scale * _product(g * g, changes.delta ** 2))
         for i, ref, direction in self.directions.get(param_name, ()):
             delta = direction(_view(ref, weight)).double()
             self.second[i] += 0.5 * scale * float((_view(ref, grad).double().square() * delta.square()).sum())
+
+    def _element_gradients(self, param_name: str, grad: torch.Tensor, spaces: Callable[[], dict]):
+        """(changes, d loss / d value at each changed element) for each changed tensor of this parameter."""
+        changed = self.elements.get(param_name, ())
+        known = spaces() if any(ref.part is not None for ref, _ in changed) else None
+        return [(changes, _gradient_at(ref, grad, changes, known)) for ref, changes in changed]
 
     def predictions(self, fisher: bool) -> dict[str, np.ndarray]:
         """Per row: first, second (NaN without Fisher passes) and their sum; NaN where nothing predicts."""

@@ -135,7 +135,7 @@ class Scores:
         entry.flips = self._flips(spaces[own])
         entry.statistics = {name: self._flips(space) for name, space in spaces.items() if name != own}
         if self.probes is not None:
-            self.probes.gradient(param_name, weight, grad, spaces)
+            self.probes.gradient(param_name, weight, grad, lambda: spaces)
 
     def _spaces(self, param_name: str, weight: torch.Tensor, grad: torch.Tensor) -> dict[str, FlipSpace]:
         """The weight's own flip space (under its canonical name) and, quantized, its statistics'."""
